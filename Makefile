@@ -1,0 +1,30 @@
+# Everything sets itself up: `make demo` and `make test` work from a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt "torch==2.13.0"
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,tensorboard]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ticketlab find --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/mnist1d_table.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,9 @@
+"""ticketlab: find, verify, compare and ship lottery tickets."""
+
+__version__ = "0.1.0"
+
+from .api import TicketSearch, find_ticket, run_search  # noqa: E402
+from .config import Config, resolve  # noqa: E402
+from .mask import Mask  # noqa: E402
+
+__all__ = ["Config", "Mask", "TicketSearch", "find_ticket", "resolve", "run_search"]

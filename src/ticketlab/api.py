@@ -1,0 +1,200 @@
+"""The Python API: ``run_search`` for a resolved config, ``find_ticket`` for any ``nn.Module``.
+
+The CLI is a thin layer over ``run_search``; everything a run produces is in its folder, and the
+returned ``TicketSearch`` reads it back.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import platform
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomli_w
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from . import __version__
+from .config import Config, load_toml, resolve
+from .data import Dataset, load_dataset, split_validation
+from .errors import TicketlabError
+from .experiment import Setup, load_masks, load_rewind, run_imp, total_steps
+from .mask import Mask
+from .models import build_model
+from .stacked import State
+from .store import RunStore
+from .summary import answer_line, summarize, table
+
+
+@dataclass(frozen=True)
+class TicketSearch:
+    """A finished (or resumed) search: its folder, per-level metrics and summary."""
+
+    run_dir: Path
+    config: Config
+    levels: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+    @property
+    def store(self) -> RunStore:
+        return RunStore(self.run_dir, self.config.hash())
+
+    def ticket(self, level: int, replicate: int = 0) -> tuple[Mask, State]:
+        """The ticket of a level: its mask and the (masked) rewind weights it restarts from."""
+        mask = load_masks(self.store, level, self.config)[replicate]
+        rewind = load_rewind(self.store, self.config)[replicate]
+        weights = {n: t * mask[n] if n in mask.tensors else t for n, t in rewind.items()}
+        return mask, weights
+
+
+def open_store(config: Config) -> RunStore:
+    """The run folder for ``config``; refuses, before writing anything, one holding another run."""
+    root = Path(config.out)
+    store = RunStore(root, config.hash())
+    saved = root / "config.toml"
+    if saved.exists():
+        previous = resolve_saved(saved)
+        if previous.hash() != config.hash():
+            changed = [k for k, v in config.identity().items() if previous.identity().get(k) != v]
+            raise TicketlabError(
+                f"{root} holds a different experiment (differs in: {', '.join(changed)}); "
+                "use another --out"
+            )
+    elif root.exists() and any(root.iterdir()):
+        raise TicketlabError(f"{root} is not empty and holds no ticketlab run; use another --out")
+    return store
+
+
+def resolve_saved(path: Path) -> Config:
+    try:
+        return resolve(load_toml(path))
+    except TicketlabError as exc:
+        raise TicketlabError(f"{path} is not a usable run config: {exc}") from None
+
+
+def _metadata(config: Config) -> dict[str, Any]:
+    return {
+        "ticketlab_version": __version__,
+        "torch_version": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config_hash": config.hash(),
+    }
+
+
+def run_search(
+    config: Config,
+    *,
+    template: nn.Module | None = None,
+    init_state: Callable[[int], State] | None = None,
+    data: Dataset | None = None,
+    console: Console | None = None,
+) -> TicketSearch:
+    """Run (or resume) the search ``config`` describes, print its table, write its report."""
+    console = console or Console(stderr=True)
+    store = open_store(config)
+    data = data or load_dataset(config.data, config.val_fraction, config.seed)
+    if template is None:
+        template = build_model(config.model, data.input_shape, data.num_classes, seed=0)
+
+        def init_state(seed: int) -> State:
+            model = build_model(config.model, data.input_shape, data.num_classes, seed)
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    assert init_state is not None
+    with store.lock():
+        if not store.path("config.toml").exists():
+            from .store import atomic_write_bytes
+
+            atomic_write_bytes(store.path("config.toml"), tomli_w.dumps(config.to_toml_dict()).encode())
+            store.write_json("run.json", _metadata(config))
+        store.clean_temp_files()
+        setup = Setup(config, template, init_state, data, store)
+        with _progress_bar(console) as bar:
+            task = bar.add_task("ticket search", total=total_steps(config))
+            levels = run_imp(setup, progress=lambda n: bar.advance(task, n))
+        summary = summarize(levels, config.tolerance_pp)
+        store.write_json("summary.json", summary)
+        if config.report:
+            from .report import write_report
+
+            write_report([store.root])
+        if config.tensorboard:
+            from .report import log_tensorboard
+
+            log_tensorboard(store.root)
+    return TicketSearch(store.root, config, levels, summary)
+
+
+def _progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def print_result(search: TicketSearch, console: Console) -> None:
+    console.print(table(search.summary))
+    console.print(answer_line(search.summary))
+    console.print(f"Run folder: {search.run_dir}")
+
+
+def find_ticket(
+    model: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    *,
+    out: str | Path | None = None,
+    **settings: Any,
+) -> TicketSearch:
+    """IMP on any ``nn.Module``: ``train``/``test`` are (inputs, integer labels) tensors.
+
+    ``settings`` are config keys (``levels``, ``replicates``, ``steps``, ``fc_rate``, ...). Replicate
+    inits and the reinit control come from the model's own ``reset_parameters`` under a seed.
+    """
+    if not isinstance(model, nn.Module):
+        raise TicketlabError("find_ticket needs a torch.nn.Module")
+    fingerprint = hashlib.sha256(repr(model).encode()).hexdigest()[:8]
+    out = out or tempfile.mkdtemp(prefix="ticketlab-")
+    config = resolve(
+        {
+            "report": False,
+            **settings,
+            "model": f"custom:{type(model).__name__}:{fingerprint}",
+            "data": "custom",
+            "out": str(out),
+        }
+    )
+    x, y = (np.asarray(t) for t in train)
+    x_test, y_test = (np.asarray(t) for t in test)
+    data = split_validation("custom", x, y, x_test, y_test, config.val_fraction, config.seed)
+
+    def init_state(seed: int) -> State:
+        fresh = copy.deepcopy(model)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for module in fresh.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        return {k: v.detach().clone() for k, v in fresh.state_dict().items()}
+
+    return run_search(config, template=model, init_state=init_state, data=data)

@@ -1,0 +1,180 @@
+"""``ticketlab`` on the command line: a thin layer over the Python API.
+
+Every user error ends as one line on stderr and exit code 2: usage errors from click, and
+``TicketlabError`` from the library. Interrupting a run loses nothing: rerun the same command.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.exceptions import TyperException
+from rich.console import Console
+from rich.table import Table
+
+from .errors import TicketlabError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Find, verify, compare and ship lottery tickets.",
+)
+
+Opt = typer.Option
+
+
+@app.command()
+def find(
+    config_file: Annotated[
+        Path | None, Opt("--config", help="TOML file of settings (flags override it).")
+    ] = None,
+    model: Annotated[str | None, Opt(help="Model name (see `ticketlab models`).")] = None,
+    data: Annotated[str | None, Opt(help="Data set name (see `ticketlab datasets`).")] = None,
+    levels: Annotated[int | None, Opt(help="Pruning rounds after the dense level.")] = None,
+    replicates: Annotated[int | None, Opt(help="Independent repetitions (seeds).")] = None,
+    seed: Annotated[int | None, Opt(help="Base seed of inits, data orders and controls.")] = None,
+    steps: Annotated[int | None, Opt(help="Training iterations per network and level.")] = None,
+    batch_size: Annotated[int | None, Opt(help="Minibatch size.")] = None,
+    optimizer: Annotated[str | None, Opt(help="adam or sgd.")] = None,
+    lr: Annotated[float | None, Opt(help="Learning rate.")] = None,
+    eval_every: Annotated[int | None, Opt(help="Evaluate every N iterations.")] = None,
+    val_fraction: Annotated[float | None, Opt(help="Training fraction held out.")] = None,
+    fc_rate: Annotated[float | None, Opt(help="Fraction of fc weights pruned per round.")] = None,
+    conv_rate: Annotated[float | None, Opt(help="Fraction of conv weights per round.")] = None,
+    output_rate: Annotated[float | None, Opt(help="Output layer rate (default fc/2).")] = None,
+    scope: Annotated[str | None, Opt(help="layer (per-layer rates) or global.")] = None,
+    exclude: Annotated[list[str] | None, Opt(help="Layer or parameter never pruned.")] = None,
+    prune_biases: Annotated[bool | None, Opt("--prune-biases", help="Prune biases too.")] = None,
+    criterion: Annotated[str | None, Opt(help="Mask criterion (default large_final).")] = None,
+    reset: Annotated[str | None, Opt(help="Reset of survivors (default rewind).")] = None,
+    rewind_step: Annotated[int | None, Opt(help="Rewind survivors to this step.")] = None,
+    controls: Annotated[
+        list[str] | None, Opt("--control", help="Controls to run: reinit, random_prune.")
+    ] = None,
+    no_controls: Annotated[bool, Opt("--no-controls", help="Run no control branch.")] = False,
+    tolerance: Annotated[
+        float | None, Opt("--tolerance", help="Winning-ticket tolerance in percentage points.")
+    ] = None,
+    dtype: Annotated[str | None, Opt(help="float32 or float64.")] = None,
+    out: Annotated[str | None, Opt(help="Run folder (rerun to resume).")] = None,
+    stack_size: Annotated[int | None, Opt(help="Networks trained side by side (0 = auto).")] = None,
+    no_batch: Annotated[bool, Opt("--no-batch", help="Train networks one by one.")] = False,
+    checkpoint_every: Annotated[int | None, Opt(help="Checkpoint every N steps.")] = None,
+    tensorboard: Annotated[bool, Opt("--tensorboard", help="Also log TensorBoard scalars.")] = False,
+    no_report: Annotated[bool, Opt("--no-report", help="Skip the HTML report.")] = False,
+) -> None:
+    """Iterative magnitude pruning with the paper's controls; prints the table and the answer."""
+    from .api import print_result, run_search
+    from .config import load_toml, resolve
+
+    flags: dict[str, Any] = {
+        "model": model,
+        "data": data,
+        "levels": levels,
+        "replicates": replicates,
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "optimizer": optimizer,
+        "lr": lr,
+        "eval_every": eval_every,
+        "val_fraction": val_fraction,
+        "fc_rate": fc_rate,
+        "conv_rate": conv_rate,
+        "output_rate": output_rate,
+        "scope": scope,
+        "exclude": exclude or None,
+        "prune_biases": prune_biases,
+        "criterion": criterion,
+        "reset": reset,
+        "rewind_step": rewind_step,
+        "controls": [] if no_controls else (controls or None),
+        "tolerance_pp": tolerance,
+        "dtype": dtype,
+        "out": out,
+        "stack_size": stack_size,
+        "batch": False if no_batch else None,
+        "checkpoint_every": checkpoint_every,
+        "tensorboard": tensorboard or None,
+        "report": False if no_report else None,
+    }
+    settings = load_toml(config_file) if config_file else {}
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    config = resolve(settings)
+    console = Console()
+    search = run_search(config, console=Console(stderr=True))
+    print_result(search, console)
+    if config.report:
+        console.print(f"Report: {search.run_dir / 'report' / 'index.html'}")
+
+
+@app.command()
+def models() -> None:
+    """List the registered models."""
+    from .models import MODELS
+
+    out = Table("model", "description")
+    for name, builder in MODELS.items():
+        out.add_row(name, (builder.__doc__ or "").strip().splitlines()[0])
+    Console().print(out)
+
+
+@app.command()
+def datasets() -> None:
+    """List the registered data sets."""
+    from .data import DATASETS, DESCRIPTIONS
+
+    out = Table("data set", "description")
+    for name in DATASETS:
+        out.add_row(name, DESCRIPTIONS.get(name, ""))
+    Console().print(out)
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (several are overlaid).")],
+    out: Annotated[Path | None, Opt(help="Where to write the report.")] = None,
+) -> None:
+    """Figures, tables and an HTML page from one run folder, or several overlaid."""
+    from .report import write_report
+
+    for run in runs:
+        if not (run / "config.toml").is_file():
+            raise TicketlabError(f"{run} is not a ticketlab run folder (no config.toml)")
+    index = write_report(list(runs), out)
+    Console().print(f"Report: {index}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: exit 0 on success, 2 with one line on stderr for any user error."""
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        app(args=argv, standalone_mode=False, prog_name="ticketlab")
+    except TicketlabError as exc:
+        err.print(f"error: {exc}", markup=False)
+        return 2
+    except TyperException as exc:  # usage errors: unknown option, bad value, missing argument
+        err.print(f"error: {exc.format_message()}", markup=False)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        err.print("interrupted; rerun the same command to resume", markup=False)
+        return 130
+    except KeyboardInterrupt:
+        err.print("interrupted; rerun the same command to resume", markup=False)
+        return 130
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

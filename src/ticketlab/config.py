@@ -1,0 +1,188 @@
+"""The experiment's settings: defaults, then the model's paper preset, then a TOML file, then flags.
+
+The resolved config is saved in the run folder; its hash (of the fields that change results) tells
+whether a folder holds the same experiment, so rerunning a command resumes instead of mixing runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .criteria import CRITERIA
+from .errors import TicketlabError
+from .resets import RESETS
+
+CONTROLS = ("reinit", "random_prune")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a ticket search. Fields after ``out`` do not change results."""
+
+    model: str = "mnist1d_mlp"
+    data: str = "mnist1d"
+    levels: int = 10
+    replicates: int = 2
+    seed: int = 0
+    # training (Frankle & Carbin Fig. 2 values come from the model presets below)
+    steps: int = 1500
+    batch_size: int = 100
+    optimizer: str = "adam"
+    lr: float = 2e-2
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    warmup_steps: int = 0
+    eval_every: int = 100
+    val_fraction: float = 0.1
+    dtype: str = "float32"
+    # pruning
+    fc_rate: float = 0.2
+    conv_rate: float = 0.1
+    output_rate: float | None = None  # default: half the fc rate, as in the paper
+    scope: str = "layer"
+    exclude: list[str] = field(default_factory=list)
+    prune_biases: bool = False
+    criterion: str = "large_final"
+    reset: str = "rewind"
+    rewind_step: int = 0
+    controls: list[str] = field(default_factory=lambda: list(CONTROLS))
+    tolerance_pp: float = 0.5
+    # where and how it runs (not part of the experiment's identity)
+    out: str = "runs/latest"
+    stack_size: int = 0  # 0 = automatic
+    batch: bool = True
+    checkpoint_every: int = 250
+    tensorboard: bool = False
+    report: bool = True
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the results."""
+        runtime = {"out", "stack_size", "batch", "checkpoint_every", "tensorboard", "report"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime}
+
+    def hash(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def output_layer_rate(self) -> float:
+        return self.fc_rate / 2 if self.output_rate is None else self.output_rate
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+# The LTH paper's hyperparameters per network (REFERENCE.md; Frankle & Carbin Fig. 2), and the
+# MNIST-1D notebook's for its MLP. Kept here, not in models.py: models know nothing of experiments.
+PRESETS: dict[str, dict[str, Any]] = {
+    "lenet_300_100": {"optimizer": "adam", "lr": 1.2e-3, "batch_size": 60, "steps": 50_000},
+    "conv2": {"optimizer": "adam", "lr": 2e-4, "batch_size": 60, "steps": 20_000, "conv_rate": 0.1},
+    "conv4": {"optimizer": "adam", "lr": 3e-4, "batch_size": 60, "steps": 25_000, "conv_rate": 0.1},
+    "conv6": {"optimizer": "adam", "lr": 3e-4, "batch_size": 60, "steps": 30_000, "conv_rate": 0.15},
+    "mnist1d_mlp": {"optimizer": "adam", "lr": 2e-2, "batch_size": 100, "steps": 1500},
+}
+
+_FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+
+
+def _check_type(key: str, value: Any) -> Any:
+    kind = _FIELD_TYPES[key]
+    ok = {
+        "str": isinstance(value, str),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, int | float) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "float | None": value is None
+        or (isinstance(value, int | float) and not isinstance(value, bool)),
+        "list[int]": isinstance(value, list)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+        "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+    }[kind]
+    if not ok:
+        raise TicketlabError(f"config key {key!r} must be {kind}, got {value!r}")
+    return float(value) if kind == "float" else value
+
+
+def resolve(overrides: dict[str, Any]) -> Config:
+    """Defaults < model preset < ``overrides`` (from TOML and flags); validated."""
+    unknown = sorted(set(overrides) - set(_FIELD_TYPES))
+    if unknown:
+        raise TicketlabError(
+            f"unknown config key {unknown[0]!r}; known keys: {', '.join(_FIELD_TYPES)}"
+        )
+    checked = {k: _check_type(k, v) for k, v in overrides.items()}
+    model = checked.get("model", Config.model)
+    merged = {**PRESETS.get(model, {}), **checked}
+    config = Config(**merged)
+    validate(config)
+    return config
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            table = tomllib.load(fh)
+    except FileNotFoundError:
+        raise TicketlabError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TicketlabError(f"config file {path} is not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TicketlabError(f"cannot read config file {path}: {exc}") from None
+    return table
+
+
+def validate(c: Config) -> None:
+    from .data import DATASETS
+    from .models import MODELS
+
+    def need(cond: bool, message: str) -> None:
+        if not cond:
+            raise TicketlabError(message)
+
+    # "custom" names come from the Python API, which brings its own module and tensors
+    known_model = c.model in MODELS or c.model.startswith("custom:")
+    need(known_model, f"unknown model {c.model!r}; known models: {', '.join(MODELS)}")
+    known_data = c.data in DATASETS or c.data == "custom"
+    need(known_data, f"unknown data set {c.data!r}; known: {', '.join(DATASETS)}")
+    need(c.levels >= 0, f"levels must be >= 0, got {c.levels}")
+    need(c.replicates >= 1, f"replicates must be >= 1, got {c.replicates}")
+    need(c.steps >= 1, f"steps must be >= 1, got {c.steps}")
+    need(c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}")
+    need(c.optimizer in ("adam", "sgd"), f"optimizer must be 'adam' or 'sgd', got {c.optimizer!r}")
+    need(c.lr > 0, f"lr must be > 0, got {c.lr}")
+    need(c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay}")
+    need(0 <= c.momentum < 1, f"momentum must be in [0, 1), got {c.momentum}")
+    need(c.gamma > 0, f"gamma must be > 0, got {c.gamma}")
+    need(c.warmup_steps >= 0, f"warmup_steps must be >= 0, got {c.warmup_steps}")
+    need(c.eval_every >= 1, f"eval_every must be >= 1, got {c.eval_every}")
+    need(0 < c.val_fraction < 1, f"val_fraction must be in (0, 1), got {c.val_fraction}")
+    need(c.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {c.dtype!r}")
+    for key in ("fc_rate", "conv_rate"):
+        rate = getattr(c, key)
+        need(0 < rate < 1, f"{key} must be in (0, 1), got {rate}")
+    need(
+        0 < c.output_layer_rate() < 1,
+        f"output_rate must be in (0, 1), got {c.output_layer_rate()}",
+    )
+    need(c.scope in ("layer", "global"), f"scope must be 'layer' or 'global', got {c.scope!r}")
+    need(c.criterion in CRITERIA, f"unknown criterion {c.criterion!r}; known: {', '.join(CRITERIA)}")
+    need(c.reset in RESETS, f"unknown reset {c.reset!r}; known: {', '.join(RESETS)}")
+    need(0 <= c.rewind_step < c.steps, f"rewind_step must be in [0, steps), got {c.rewind_step}")
+    for control in c.controls:
+        need(control in CONTROLS, f"unknown control {control!r}; known: {', '.join(CONTROLS)}")
+    need(c.tolerance_pp >= 0, f"tolerance_pp must be >= 0, got {c.tolerance_pp}")
+    need(c.stack_size >= 0, f"stack_size must be >= 0, got {c.stack_size}")
+    need(c.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {c.checkpoint_every}")
+    need(bool(c.out), "out must be a folder path")

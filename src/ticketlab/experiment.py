@@ -1,0 +1,249 @@
+"""Iterative magnitude pruning (Frankle & Carbin Algorithm 1), levels x replicates x branches.
+
+Every level writes its outputs to the run folder and is skipped when they exist, so rerunning an
+interrupted command resumes it; mid-level, the trainer's checkpoints do the same. Each level's
+results are always read back from disk before the next level uses them, so a fresh run and a resumed
+run take exactly the same path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import Config
+from .criteria import get_criterion
+from .data import Dataset
+from .mask import Mask, layer_kinds, prunable_names
+from .pruning import prune, random_mask_like
+from .resets import get_reset
+from .stacked import State
+from .store import RunStore
+from .trainer import Job, Progress, Result, TrainSpec, chunk_count, train
+
+InitState = Callable[[int], State]
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any tuple of names and numbers, stable across processes."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything a level needs, built once per run."""
+
+    config: Config
+    template: nn.Module
+    init_state: InitState
+    data: Dataset
+    store: RunStore
+
+    @property
+    def prunable(self) -> list[str]:
+        return prunable_names(self.template, self.config.prune_biases, self.config.exclude)
+
+    def rates(self) -> dict[str, float]:
+        c = self.config
+        by_kind = {"conv": c.conv_rate, "fc": c.fc_rate, "output": c.output_layer_rate()}
+        kinds = layer_kinds(self.template)
+        return {name: by_kind[kinds[name]] for name in self.prunable}
+
+    def spec(self) -> TrainSpec:
+        c = self.config
+        return TrainSpec(
+            steps=c.steps,
+            batch_size=c.batch_size,
+            optimizer=c.optimizer,
+            lr=c.lr,
+            momentum=c.momentum,
+            weight_decay=c.weight_decay,
+            eval_every=c.eval_every,
+            milestones=tuple(c.milestones),
+            gamma=c.gamma,
+            warmup_steps=c.warmup_steps,
+            dtype=c.dtype,
+        )
+
+    def stack_size(self) -> int | None:
+        return (self.config.stack_size or None) if self.config.batch else 1
+
+
+def level_dir(level: int) -> str:
+    return f"levels/level_{level:02d}"
+
+
+def run_imp(setup: Setup, progress: Progress | None = None) -> list[dict]:
+    """The IMP loop: train -> score -> prune -> reset -> repeat. Returns every level's metrics."""
+    c, store = setup.config, setup.store
+    masks = [Mask.ones_like({n: setup.template.state_dict()[n] for n in setup.prunable})] * (
+        c.replicates
+    )
+    metrics = []
+    for level in range(c.levels + 1):
+        if store.exists(f"{level_dir(level)}/metrics.json"):
+            if progress:
+                progress(level_size(c, level) * c.steps)
+        else:
+            rewind = load_rewind(store, c) if level else None
+            jobs = branch_jobs(setup, level, masks, rewind)
+            results = train_level(setup, level, [job for _, _, job in jobs], progress)
+            save_level(setup, level, jobs, results)
+        metrics.append(store.read_json(f"{level_dir(level)}/metrics.json"))
+        finals = load_replicates(store, f"{level_dir(level)}/ticket_final.safetensors", c)
+        rewind = load_rewind(store, c)
+        criterion = get_criterion(c.criterion)
+        for r in range(c.replicates):
+            g = torch.Generator().manual_seed(derive_seed(c.seed, "criterion", r, level))
+            scores = {n: criterion(rewind[r][n], finals[r][n], g) for n in setup.prunable}
+            masks[r] = prune(masks[r], scores, setup.rates(), c.scope)
+    return metrics
+
+
+def branch_jobs(
+    setup: Setup, level: int, masks: list[Mask], rewind: list[State] | None
+) -> list[tuple[str, int, Job]]:
+    """(branch, replicate, job) for every network of a level: the ticket and the paper's controls."""
+    c = setup.config
+    jobs = []
+    for branch in branches(c, level):
+        for r in range(c.replicates):
+            data_seed = derive_seed(c.seed, "data", r, level, branch)
+            job = _make_job(setup, level, branch, r, masks[r], rewind, data_seed)
+            jobs.append((branch, r, job))
+    return jobs
+
+
+def branches(c: Config, level: int) -> list[str]:
+    """The dense level has only the ticket (the controls would equal it)."""
+    return ["ticket"] + (list(c.controls) if level else [])
+
+
+def level_size(c: Config, level: int) -> int:
+    return len(branches(c, level)) * c.replicates
+
+
+def _make_job(
+    setup: Setup,
+    level: int,
+    branch: str,
+    r: int,
+    mask: Mask,
+    rewinds: list[State] | None,
+    data_seed: int,
+) -> Job:
+    c = setup.config
+    if rewinds is None:  # the dense network: its weights at rewind_step become the rewind point
+        init = setup.init_state(derive_seed(c.seed, "init", r))
+        return Job(init, mask, data_seed, snapshot_step=c.rewind_step)
+    rewind = rewinds[r]
+    reset_name = {"ticket": c.reset, "reinit": "reinit", "random_prune": "rewind"}[branch]
+    if branch == "random_prune":
+        mask = random_mask_like(mask, torch.Generator().manual_seed(derive_seed(c.seed, branch, r, level)))
+    fresh = setup.init_state(derive_seed(c.seed, "fresh", branch, r, level))
+    reset = get_reset(reset_name)
+    g = torch.Generator().manual_seed(derive_seed(c.seed, "reset", branch, r, level))
+    init = dict(rewind)
+    for name in mask.names():
+        init[name] = reset(rewind[name], fresh[name], mask[name], g)
+    return Job(init, mask, data_seed)
+
+
+def train_level(setup: Setup, level: int, jobs: list[Job], progress: Progress | None) -> list[Result]:
+    size = setup.stack_size()
+    chunks = chunk_count(setup.template, len(jobs), size)
+    checkpointers = [
+        StoreCheckpointer(
+            setup.store,
+            f"{level_dir(level)}/checkpoint_s{size or 0}_c{i}.safetensors",
+            setup.config.checkpoint_every,
+        )
+        for i in range(chunks)
+    ]
+    return train(
+        setup.template,
+        jobs,
+        setup.data,
+        setup.spec(),
+        stack_size=size,
+        progress=progress,
+        checkpointers=checkpointers,
+    )
+
+
+@dataclass
+class StoreCheckpointer:
+    """Mid-level training state in the run folder (checksummed, no pickle)."""
+
+    store: RunStore
+    rel: str
+    every: int
+
+    def load(self) -> dict | None:
+        return self.store.read_state(self.rel) if self.store.exists(self.rel) else None
+
+    def save(self, state: dict) -> None:
+        self.store.write_state(self.rel, state)
+
+
+def save_level(
+    setup: Setup, level: int, jobs: list[tuple[str, int, Job]], results: list[Result]
+) -> None:
+    """Tensors first, metrics.json last: its existence marks the level as done."""
+    c, store, where = setup.config, setup.store, level_dir(level)
+    tickets = [(r, job, res) for (b, r, job), res in zip(jobs, results, strict=True) if b == "ticket"]
+    if level == 0:
+        store.write_tensors(
+            "rewind.safetensors",
+            {f"r{r}/{n}": t for r, _, res in tickets for n, t in (res.snapshot or {}).items()},
+            {"rewind_step": c.rewind_step},
+        )
+    store.write_tensors(
+        f"{where}/masks.safetensors",
+        {f"r{r}/{n}": job.mask[n] for r, job, _ in tickets for n in job.mask.names()},
+    )
+    store.write_tensors(
+        f"{where}/ticket_final.safetensors",
+        {f"r{r}/{n}": t for r, _, res in tickets for n, t in res.final.items()},
+    )
+    ticket_mask = tickets[0][1].mask
+    networks = [
+        {"branch": b, "replicate": r, "weights_remaining": job.mask.density(), **res.metrics()}
+        for (b, r, job), res in zip(jobs, results, strict=True)
+    ]
+    store.write_json(
+        f"{where}/metrics.json",
+        {
+            "level": level,
+            "weights_remaining": ticket_mask.density(),
+            "layer_remaining": ticket_mask.layer_density(),
+            "networks": networks,
+        },
+    )
+    for path in store.path(where).glob("checkpoint_*.safetensors"):
+        path.unlink()
+
+
+def load_replicates(store: RunStore, rel: str, c: Config) -> list[State]:
+    tensors, _ = store.read_tensors(rel)
+    states: list[State] = [{} for _ in range(c.replicates)]
+    for key, tensor in tensors.items():
+        r, _, name = key.partition("/")
+        states[int(r[1:])][name] = tensor
+    return states
+
+
+def load_rewind(store: RunStore, c: Config) -> list[State]:
+    return load_replicates(store, "rewind.safetensors", c)
+
+
+def load_masks(store: RunStore, level: int, c: Config) -> list[Mask]:
+    return [Mask(s) for s in load_replicates(store, f"{level_dir(level)}/masks.safetensors", c)]
+
+
+def total_steps(c: Config) -> int:
+    return c.steps * sum(level_size(c, level) for level in range(c.levels + 1))

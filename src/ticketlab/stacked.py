@@ -1,0 +1,238 @@
+"""K networks of one architecture held as batched tensors, so they train as one.
+
+Training many masked copies side by side (replicates, controls, sparsities) turns many small matmuls
+into a few large batched ones, which is where a CPU's throughput is. Each copy keeps its own
+parameters, mask, data order and optimizer state: stacking changes only how the arithmetic is
+grouped, never what is computed.
+
+Three implementations, picked by ``stack_networks``:
+
+* ``SequentialStack`` — an ``nn.Sequential`` of Linear/Conv2d/pooling/activation layers: Linear as
+  ``baddbmm`` with weights stored ``[K, in, out]`` (so gradients arrive contiguous and are not copied),
+  Conv2d as one grouped convolution with ``groups=K``.
+* ``VmapStack`` — any functional ``nn.Module``: ``torch.func.vmap`` over ``functional_call``.
+* ``SingleNetwork`` — anything else (BatchNorm in train mode, dropout): one network, no stacking.
+
+All expose ``params`` (leaf tensors, working layout), ``forward(x)`` for a batch per network,
+``forward_shared(x)`` for one batch seen by all networks, and conversion to and from the canonical
+per-network ``state_dict`` layout.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+State = dict[str, torch.Tensor]
+
+_CHANNEL_LOCAL = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.GELU,
+    nn.Identity,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+)
+
+
+class NotStackable(Exception):
+    """This architecture cannot be trained K-at-a-time by this implementation."""
+
+
+def _stack(states: Sequence[Mapping[str, torch.Tensor]], name: str, dtype: torch.dtype):
+    return torch.stack([s[name] for s in states]).to(dtype)
+
+
+class SequentialStack:
+    """Hand-batched ``nn.Sequential``: the fast path for the paper's MLPs and conv nets."""
+
+    def __init__(self, template: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], dtype):
+        if not isinstance(template, nn.Sequential):
+            raise NotStackable("not an nn.Sequential")
+        for layer in template:
+            ok = isinstance(layer, _CHANNEL_LOCAL)
+            ok |= isinstance(layer, nn.Linear)
+            ok |= isinstance(layer, nn.Flatten) and layer.start_dim == 1 and layer.end_dim == -1
+            ok |= (
+                isinstance(layer, nn.Conv2d)
+                and layer.groups == 1
+                and layer.padding_mode == "zeros"
+                and isinstance(layer.padding, tuple)
+            )
+            if not ok or any(True for _ in layer.buffers()):
+                raise NotStackable(f"layer {layer} has no batched implementation")
+        self.layers = list(template)
+        self.size = len(states)
+        self._linear_weights = {
+            f"{i}.weight" for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear)
+        }
+        self._linear_biases = {
+            f"{i}.bias" for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear)
+        }
+        names = [n for n, _ in template.named_parameters()]
+        self.params: State = {
+            n: self.to_working(n, _stack(states, n, dtype)).contiguous().requires_grad_()
+            for n in names
+        }
+
+    def to_working(self, name: str, canonical: torch.Tensor) -> torch.Tensor:
+        if name in self._linear_weights:
+            return canonical.transpose(1, 2)
+        if name in self._linear_biases:
+            return canonical.unsqueeze(1)
+        return canonical
+
+    def to_canonical(self, name: str, working: torch.Tensor) -> torch.Tensor:
+        if name in self._linear_weights:
+            return working.transpose(1, 2)
+        if name in self._linear_biases:
+            return working.squeeze(1)
+        return working
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: [K, B, *input_shape] -> logits [K, B, classes]."""
+        k, batch = x.shape[:2]
+        h, image = x, False
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, nn.Conv2d):
+                if not image:  # [K, B, C, H, W] -> [B, K*C, H, W]: channels of net k are group k
+                    h = h.transpose(0, 1).reshape(batch, k * h.shape[2], *h.shape[3:])
+                    image = True
+                w = self.params[f"{i}.weight"]
+                b = self.params.get(f"{i}.bias")
+                h = F.conv2d(
+                    h,
+                    w.reshape(k * w.shape[1], *w.shape[2:]),
+                    None if b is None else b.reshape(-1),
+                    layer.stride,
+                    layer.padding,
+                    layer.dilation,
+                    groups=k,
+                )
+            elif isinstance(layer, nn.Linear):
+                w = self.params[f"{i}.weight"]
+                b = self.params.get(f"{i}.bias")
+                h = torch.bmm(h, w) if b is None else torch.baddbmm(b, h, w)
+            elif isinstance(layer, nn.Flatten):
+                h = h.reshape(batch, k, -1).transpose(0, 1) if image else h.reshape(k, batch, -1)
+                image = False
+            else:
+                h = layer(h)
+        return h
+
+    def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x.unsqueeze(0).expand(self.size, *x.shape))
+
+
+class VmapStack:
+    """Generic path for any functional module: ``vmap`` over ``functional_call``."""
+
+    def __init__(self, template: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], dtype):
+        self.template = copy.deepcopy(template).to(dtype)
+        self.size = len(states)
+        names = [n for n, _ in self.template.named_parameters()]
+        self.params: State = {n: _stack(states, n, dtype).requires_grad_() for n in names}
+        self.buffers: State = {
+            n: _stack(states, n, b.dtype) for n, b in self.template.named_buffers()
+        }
+
+        def call(p: State, b: State, x: torch.Tensor) -> torch.Tensor:
+            return functional_call(self.template, (p, b), (x,))
+
+        self._per_batch = vmap(call, in_dims=(0, 0, 0))
+        self._shared = vmap(call, in_dims=(0, 0, None))
+
+    def to_working(self, name: str, canonical: torch.Tensor) -> torch.Tensor:
+        return canonical
+
+    def to_canonical(self, name: str, working: torch.Tensor) -> torch.Tensor:
+        return working
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._per_batch(self.params, self.buffers, x)
+
+    def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
+        return self._shared(self.params, self.buffers, x)
+
+
+class SingleNetwork:
+    """No stacking: one network through its own ``forward`` (BatchNorm, dropout, anything)."""
+
+    def __init__(self, template: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], dtype):
+        if len(states) != 1:
+            raise NotStackable("SingleNetwork holds exactly one network")
+        self.module = copy.deepcopy(template).to(dtype)
+        self.module.load_state_dict({k: v.to(dtype) for k, v in states[0].items()}, strict=False)
+        self.size = 1
+        self.params: State = {
+            n: p.detach().unsqueeze(0).clone().requires_grad_()
+            for n, p in self.module.named_parameters()
+        }
+        self.buffers: State = dict(self.module.named_buffers())
+
+    def to_working(self, name: str, canonical: torch.Tensor) -> torch.Tensor:
+        return canonical
+
+    def to_canonical(self, name: str, working: torch.Tensor) -> torch.Tensor:
+        return working
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = {n: p[0] for n, p in self.params.items()}
+        return functional_call(self.module, (params, self.buffers), (x[0],)).unsqueeze(0)
+
+    def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x.unsqueeze(0))
+
+
+Stack = SequentialStack | VmapStack | SingleNetwork
+
+
+def stack_networks(
+    template: nn.Module,
+    states: Sequence[Mapping[str, torch.Tensor]],
+    dtype: torch.dtype,
+    example_input: torch.Tensor,
+) -> Stack:
+    """The fastest implementation that is exact for this architecture.
+
+    ``example_input`` ([B, *input_shape]) is pushed through once so a module that vmap cannot batch
+    (in-place buffer updates, random ops) is caught here, not mid-training.
+    """
+    if len(states) == 1 and _has_state_or_randomness(template):
+        return SingleNetwork(template, states, dtype)
+    for impl in (SequentialStack, VmapStack):
+        try:
+            stack = impl(template, states, dtype)
+            with torch.no_grad():
+                stack.forward_shared(example_input[:2].to(dtype))
+            return stack
+        except NotStackable:
+            continue
+        except RuntimeError:  # vmap refusing an op: in-place buffer update, randomness
+            continue
+    raise NotStackable(f"{type(template).__name__} must be trained one network at a time")
+
+
+def _has_state_or_randomness(module: nn.Module) -> bool:
+    return any(True for _ in module.buffers()) or any(
+        isinstance(m, nn.modules.dropout._DropoutNd) for m in module.modules()
+    )
+
+
+def max_stack_size(template: nn.Module) -> int:
+    """How many copies can share a stack: 1 for modules with state or randomness."""
+    return 1 if _has_state_or_randomness(template) else 16
+
+
+def canonical_states(stack: Stack) -> list[State]:
+    """Per-network ``state_dict``-layout copies of the stack's parameters (detached)."""
+    with torch.no_grad():
+        full = {n: stack.to_canonical(n, p).detach() for n, p in stack.params.items()}
+        return [{n: t[k].clone() for n, t in full.items()} for k in range(stack.size)]
