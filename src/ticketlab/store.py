@@ -61,7 +61,7 @@ def _tensor_checksum(tensors: dict[str, torch.Tensor], meta: str) -> str:
         t = tensors[name].detach().contiguous()
         digest.update(name.encode())
         digest.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 

@@ -1,0 +1,313 @@
+"""The stacked trainer computes exactly what training the networks one by one computes.
+
+Everything runs in float64 on scikit-learn's 8x8 digits, so a stack of K networks can be compared to
+K separate runs with a tolerance far below anything training noise could hide behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ticketlab.data import Dataset, load_dataset
+from ticketlab.mask import Mask, prunable_names
+from ticketlab.models import build_model
+from ticketlab.stacked import (
+    SequentialStack,
+    SingleNetwork,
+    VmapStack,
+    canonical_states,
+    max_stack_size,
+    stack_networks,
+)
+from ticketlab.trainer import Job, Result, TrainSpec, train, train_stack
+
+TOL = 1e-10
+SPARSITIES = (0.0, 0.5, 0.8, 0.95)
+
+
+@pytest.fixture(scope="module")
+def digits() -> Dataset:
+    return load_dataset("digits")
+
+
+def spec(steps: int = 30, **kw) -> TrainSpec:
+    # 1400*0.9 = 1260 training digits / 32 = 39 steps per epoch: 50 steps cross an epoch boundary
+    base = {"batch_size": 32, "lr": 2e-3, "eval_every": 10, "dtype": "float64"}
+    return TrainSpec(steps=steps, **{**base, **kw})
+
+
+def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def random_mask(model: nn.Module, sparsity: float, seed: int) -> Mask:
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    return Mask(
+        {n: torch.rand(params[n].shape, generator=g) >= sparsity for n in prunable_names(model)}
+    )
+
+
+def make_jobs(model_name: str, data: Dataset, n: int = 4, **job_kw) -> tuple[nn.Module, list[Job]]:
+    template = build_model(model_name, data.input_shape, data.num_classes, seed=0)
+    jobs = []
+    for i in range(n):
+        net = build_model(model_name, data.input_shape, data.num_classes, seed=100 + i)
+        mask = random_mask(net, SPARSITIES[i % len(SPARSITIES)], seed=i)
+        jobs.append(Job(init=state_of(net), mask=mask, data_seed=7 * i + 3, **job_kw))
+    return template, jobs
+
+
+def assert_close(a: Result, b: Result, tol: float = TOL) -> None:
+    assert a.final.keys() == b.final.keys()
+    for name in a.final:
+        torch.testing.assert_close(a.final[name], b.final[name], rtol=0, atol=tol)
+    assert a.curve.keys() == b.curve.keys()
+    for key in a.curve:
+        for u, v in zip(a.curve[key], b.curve[key], strict=True):
+            assert (u is None and v is None) or math.isclose(u, v, rel_tol=0, abs_tol=tol), key
+    assert a.early_stop_iter == b.early_stop_iter
+    assert a.diverged == b.diverged
+
+
+def assert_identical(a: Result, b: Result) -> None:
+    assert a.final.keys() == b.final.keys()
+    for name in a.final:
+        assert torch.equal(a.final[name], b.final[name]), name
+    assert a.curve == b.curve
+    assert (a.early_stop_iter, a.early_stop_test_acc, a.final_test_acc) == (
+        b.early_stop_iter,
+        b.early_stop_test_acc,
+        b.final_test_acc,
+    )
+    assert (a.diverged, a.diverged_at) == (b.diverged, b.diverged_at)
+
+
+@pytest.mark.parametrize("model_name", ["lenet_300_100", "conv2"])
+def test_stack_equals_one_by_one(digits, model_name):
+    template, jobs = make_jobs(model_name, digits)
+    s = spec(steps=50)
+    stacked = train(template, jobs, digits, s, stack_size=len(jobs))
+    alone = train(template, jobs, digits, s, stack_size=1)
+    assert len(stacked) == len(alone) == len(jobs)
+    for i, (a, b) in enumerate(zip(stacked, alone, strict=True)):
+        assert_close(a, b)
+        if SPARSITIES[i] <= 0.5:
+            assert a.final_test_acc > 0.5  # it did learn something
+    # different masks, inits and data orders really give different networks
+    assert not torch.equal(stacked[0].final["1.weight"], stacked[1].final["1.weight"])
+
+
+@pytest.mark.parametrize("model_name", ["lenet_300_100", "conv2"])
+def test_pruned_weights_stay_exactly_zero(digits, model_name):
+    template, jobs = make_jobs(model_name, digits)
+    for job, result in zip(jobs, train(template, jobs, digits, spec(steps=20)), strict=True):
+        for name in job.mask:
+            keep = job.mask[name]
+            assert bool((result.final[name][~keep] == 0).all()), name
+            assert bool((result.final[name][keep] != 0).any()), name
+
+
+def test_same_seeds_give_bit_identical_results(digits):
+    template, jobs = make_jobs("conv2", digits, n=3)
+    s = spec(steps=20, dtype="float32")
+    for a, b in zip(train(template, jobs, digits, s), train(template, jobs, digits, s), strict=True):
+        assert_identical(a, b)
+
+
+def test_float32_stack_close_to_one_by_one(digits):
+    template, jobs = make_jobs("lenet_300_100", digits, n=3)
+    s = spec(steps=20, dtype="float32")
+    stacked = train(template, jobs, digits, s)
+    alone = train(template, jobs, digits, s, stack_size=1)
+    for a, b in zip(stacked, alone, strict=True):
+        assert_close(a, b, tol=1e-4)
+
+
+class ResidualMLP(nn.Module):
+    """Not an nn.Sequential: goes through the generic vmap path."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.inp = nn.Linear(64, width)
+        self.mid = nn.Linear(width, width)
+        self.out = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x.flatten(1)))
+        h = h + torch.tanh(self.mid(h))
+        return self.out(h)
+
+
+def module_jobs(cls, n: int, **kw) -> tuple[nn.Module, list[Job]]:
+    torch.manual_seed(0)
+    template = cls(**kw)
+    jobs = []
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        net = cls(**kw)
+        mask = random_mask(net, SPARSITIES[i % len(SPARSITIES)], seed=i)
+        jobs.append(Job(init=state_of(net), mask=mask, data_seed=i))
+    return template, jobs
+
+
+def test_vmap_path_equals_one_by_one(digits):
+    template, jobs = module_jobs(ResidualMLP, 3)
+    stack = stack_networks(template, [j.init for j in jobs], torch.float64, digits.x_train)
+    assert isinstance(stack, VmapStack)
+    s = spec(steps=30)
+    stacked = train(template, jobs, digits, s)
+    alone = train(template, jobs, digits, s, stack_size=1)
+    for job, a, b in zip(jobs, stacked, alone, strict=True):
+        assert_close(a, b)
+        for name in job.mask:
+            assert bool((a.final[name][~job.mask[name]] == 0).all())
+
+
+def test_sequential_stack_is_used_for_paper_models(digits):
+    for name in ("lenet_300_100", "conv2"):
+        template, jobs = make_jobs(name, digits, n=2)
+        stack = stack_networks(template, [j.init for j in jobs], torch.float64, digits.x_train)
+        assert isinstance(stack, SequentialStack)
+        # the working layout converts back to the exact canonical state
+        for job, state in zip(jobs, canonical_states(stack), strict=True):
+            assert state.keys() == job.init.keys()
+            for k in state:
+                assert torch.equal(state[k], job.init[k].double())
+
+
+class BatchNormNet(nn.Module):
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.BatchNorm1d(width))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+class DropoutNet(nn.Module):
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.fc = nn.Linear(64, width)
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.head(self.drop(torch.relu(self.fc(x.flatten(1)))))
+
+
+@pytest.mark.parametrize("cls", [BatchNormNet, DropoutNet])
+def test_stateful_or_random_modules_train_one_at_a_time(digits, cls):
+    template, jobs = module_jobs(cls, 2)
+    assert max_stack_size(template) == 1
+    stack = stack_networks(template, [jobs[0].init], torch.float64, digits.x_train)
+    assert isinstance(stack, SingleNetwork)
+    results = train(template, jobs, digits, spec(steps=40), stack_size=8)
+    assert len(results) == 2
+    for job, r in zip(jobs, results, strict=True):
+        assert not r.diverged
+        assert r.curve["val_loss"][-1] < r.curve["val_loss"][0]
+        assert r.final_test_acc > 0.5
+        for name in job.mask:
+            assert bool((r.final[name][~job.mask[name]] == 0).all())
+    if cls is BatchNormNet:  # running statistics are part of the result
+        assert "body.2.running_mean" in results[0].final or "body.2.weight" in results[0].final
+
+
+@pytest.mark.parametrize("model_name", ["lenet_300_100", "conv2"])
+def test_divergence_is_confined_to_its_network(digits, model_name):
+    template, jobs = make_jobs(model_name, digits, n=3)
+    poisoned_init = {k: v.clone() for k, v in jobs[1].init.items()}
+    poisoned_init["1.weight" if model_name == "lenet_300_100" else "0.weight"].fill_(math.nan)
+    poisoned = [jobs[0], Job(poisoned_init, jobs[1].mask, jobs[1].data_seed), jobs[2]]
+    s = spec(steps=20)
+    bad = train(template, poisoned, digits, s)
+    healthy = train(template, jobs, digits, s)
+    without = train(template, [jobs[0], jobs[2]], digits, s)
+    assert [r.diverged for r in bad] == [False, True, False]
+    assert bad[1].diverged_at == 0
+    assert bad[1].curve["val_loss"][-1] is None
+    for i in (0, 2):  # same stack size: bit-identical; smaller stack: same arithmetic
+        assert_identical(bad[i], healthy[i])
+    assert_close(bad[0], without[0])
+    assert_close(bad[2], without[1])
+
+
+def same_tree(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_tree(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same_tree(u, v) for u, v in zip(a, b, strict=True))
+    return a == b
+
+
+class MemoryCheckpointer:
+    """Keeps the state objects it is handed, as they are: the trainer must hand over copies and
+    must not alias what it loads (a file-backed checkpointer would hide both mistakes)."""
+
+    def __init__(self, every: int, resume_from: dict | None = None):
+        self.every = every
+        self.saved: list[dict] = []
+        self.resume_from = resume_from
+
+    def load(self):
+        return self.resume_from
+
+    def save(self, state):
+        self.saved.append(state)
+
+
+@pytest.mark.parametrize("model_name", ["lenet_300_100", "conv2"])
+def test_resume_from_checkpoint_is_bit_identical(digits, model_name):
+    template, jobs = make_jobs(model_name, digits, n=3, snapshot_step=5)
+    s = spec(steps=50, dtype="float32")  # 50 steps: the resumed part crosses an epoch boundary
+    first = MemoryCheckpointer(every=15)
+    full = train_stack(template, jobs, digits, s, checkpointer=first)
+    assert [state["step"] for state in first.saved] == [15, 30, 45]
+    pristine = copy.deepcopy(first.saved)
+    for saved in [*first.saved, first.saved[1]]:  # resuming twice from one state: it is not aliased
+        resumed = train_stack(template, jobs, digits, s, checkpointer=MemoryCheckpointer(15, saved))
+        for a, b in zip(full, resumed, strict=True):
+            assert_identical(a, b)
+            for name in a.snapshot:
+                assert torch.equal(a.snapshot[name], b.snapshot[name])
+    # checkpoints are copies: neither the rest of training nor a resume changed them
+    assert same_tree(first.saved, pristine)
+
+
+def test_resume_counts_progress_only_for_remaining_steps(digits):
+    template, jobs = make_jobs("lenet_300_100", digits, n=2)
+    s = spec(steps=30)
+    first = MemoryCheckpointer(every=10)
+    train_stack(template, jobs, digits, s, checkpointer=first)
+    ticks: list[int] = []
+    train_stack(template, jobs, digits, s, ticks.append, MemoryCheckpointer(10, first.saved[1]))
+    assert sum(ticks) == 10 * len(jobs)  # network-steps
+
+
+@pytest.mark.parametrize("model_name", ["lenet_300_100", "conv2"])
+def test_snapshot_step_is_the_weights_after_k_steps(digits, model_name):
+    template, jobs = make_jobs(model_name, digits, n=2)
+    at_7 = train(template, jobs, digits, spec(steps=7))
+    snap_jobs = [Job(j.init, j.mask, j.data_seed, snapshot_step=7) for j in jobs]
+    longer = train(template, snap_jobs, digits, spec(steps=25))
+    first_layer = prunable_names(template)[0]
+    for short, long in zip(at_7, longer, strict=True):
+        assert long.snapshot is not None
+        for name in short.final:
+            assert torch.equal(long.snapshot[name], short.final[name]), name
+        assert not torch.equal(long.final[first_layer], short.final[first_layer])
+    zero = train(template, [Job(jobs[0].init, jobs[0].mask, 0, snapshot_step=0)], digits, spec(5))
+    for name in jobs[0].init:  # step 0 is the masked init
+        expected = jobs[0].init[name].double()
+        if name in jobs[0].mask:
+            expected = expected * jobs[0].mask[name]
+        assert torch.equal(zero[0].snapshot[name], expected)
