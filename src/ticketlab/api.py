@@ -82,8 +82,10 @@ def resolve_saved(path: Path) -> Config:
         raise TicketlabError(f"{path} is not a usable run config: {exc}") from None
 
 
-def _metadata(config: Config) -> dict[str, Any]:
+def _metadata(config: Config, data: Dataset) -> dict[str, Any]:
     return {
+        "input_shape": list(data.input_shape),
+        "num_classes": data.num_classes,
         "ticketlab_version": __version__,
         "torch_version": torch.__version__,
         "python": sys.version.split()[0],
@@ -120,7 +122,7 @@ def run_search(
             from .store import atomic_write_bytes
 
             atomic_write_bytes(store.path("config.toml"), tomli_w.dumps(config.to_toml_dict()).encode())
-            store.write_json("run.json", _metadata(config))
+            store.write_json("run.json", _metadata(config, data))
         store.clean_temp_files()
         setup = Setup(config, template, init_state, data, store)
         with _progress_bar(console) as bar:

@@ -150,6 +150,27 @@ def report(
     Console().print(f"Report: {index}")
 
 
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    level: Annotated[int, Opt(help="Level whose ticket to export.")],
+    out: Annotated[Path, Opt(help="Output .safetensors file.")],
+    replicate: Annotated[int, Opt(help="Which replicate's ticket.")] = 0,
+    rewind: Annotated[
+        bool, Opt("--rewind", help="Export the rewind weights (to retrain) instead of trained.")
+    ] = False,
+) -> None:
+    """The ticket as a compact sparse file, with its measured size and speed."""
+    from .api import resolve_saved
+    from .export import export_ticket
+
+    if not (run / "config.toml").is_file():
+        raise TicketlabError(f"{run} is not a ticketlab run folder (no config.toml)")
+    report = export_ticket(run, resolve_saved(run / "config.toml"), level, out, replicate, not rewind)
+    for line in report.lines():
+        Console().print(line)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: exit 0 on success, 2 with one line on stderr for any user error."""
     err = Console(stderr=True, highlight=False, soft_wrap=True)

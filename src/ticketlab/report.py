@@ -30,7 +30,7 @@ import numpy as np
 from matplotlib import rc_context
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -389,7 +389,7 @@ def selected_levels(run: RunData, count: int = 4) -> list[int]:
 
 def curves_figure(runs: Sequence[RunData], count: int = 4) -> Figure:
     """Ticket test accuracy vs training iteration for a few levels (mean over replicates)."""
-    fig = Figure(figsize=(min(6.5 * len(runs), 19.5), 4.8), layout="constrained")
+    fig = Figure(figsize=(max(8.0, min(6.5 * len(runs), 19.5)), 4.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(runs), sharey=True, squeeze=False)[0])
     for ax, run in zip(axes, runs, strict=True):
         chosen = selected_levels(run, count)
@@ -414,10 +414,12 @@ def curves_figure(runs: Sequence[RunData], count: int = 4) -> Figure:
         _legend(ax, loc="lower right", title="% weights remaining", title_fontsize=8)
         ax.tick_params(labelleft=True)
     axes[0].set_ylabel("Test accuracy (%)")
-    fig.suptitle(
-        "Ticket test accuracy during training (mean over replicates; diverged networks excluded)",
-        fontsize=11,
-    )
+    note = "mean over replicates; diverged networks excluded"
+    if len(runs) == 1:
+        fig.suptitle("Ticket test accuracy during training", fontsize=11)
+        axes[0].set_title(note, fontsize=8, color="0.35")
+    else:
+        fig.suptitle(f"Ticket test accuracy during training ({note})", fontsize=11)
     return fig
 
 
@@ -447,7 +449,9 @@ def layers_figure(runs: Sequence[RunData]) -> Figure:
         )
     _percent_axis(ax, _all_x(runs))
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    low, high = ax.get_ylim()
+    nice = [m * 10.0**e for e in range(-4, 3) for m in (1, 2, 3, 5, 7)]
+    ax.yaxis.set_major_locator(FixedLocator(_thin([v for v in nice if low <= v <= high], 8)))
     ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _format_pct(v)))
     ax.set_ylabel("% of the layer's weights remaining")
@@ -546,11 +550,12 @@ def _diverged(row: dict[str, Any], branch: str) -> int:
     return int(count) if math.isfinite(count) else 0
 
 
-def winning_sentence(run: RunData) -> str:
+def winning_sentence(run: RunData, progress: bool = True) -> str:
+    """The run's answer (as the CLI prints it), noting when the run has not finished."""
     sentence = answer_line(
         {"winning_ticket": run.winning_ticket, "tolerance_pp": _fmt_tol(run.tolerance_pp)}
     )
-    if not run.finished:
+    if progress and not run.finished:
         sentence += f" (Run not finished: {len(run.rows)} levels so far, no summary.json yet.)"
     return sentence
 
@@ -564,7 +569,7 @@ def table_rows(run: RunData) -> tuple[list[str], list[list[str]]]:
     early-stop iteration (mean ± std); diverged networks flagged in the accuracy cell."""
     header = ["level", "% weights"]
     for branch in run.branches():
-        header += [f"{branch} acc. at early stop (%)", f"{branch} early-stop iter."]
+        header += [f"{branch} acc. (%)", f"{branch} ES iter."]
     rows = []
     for row in run.rows:
         win = bool(run.winning_ticket) and run.winning_ticket["level"] == row["level"]
@@ -592,7 +597,12 @@ def summary_markdown(runs: Sequence[RunData]) -> str:
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "|".join("---:" for _ in header) + "|")
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in rows]
-        out += ["", "Mean ± std over replicates; diverged networks are excluded and counted.", ""]
+        out += [
+            "",
+            "acc.: test accuracy at early stop; ES iter.: early-stop iteration. Mean ± std over "
+            "replicates; diverged networks are excluded and counted.",
+            "",
+        ]
     return "\n".join(out)
 
 
@@ -622,9 +632,7 @@ def _html_table(run: RunData) -> str:
     head1 = '<th rowspan="2">level</th><th rowspan="2">% weights<br>remaining</th>' + "".join(
         f'<th colspan="2">{e(b)}</th>' for b in branches
     )
-    head2 = "".join(
-        "<th>test acc. at early stop (%)</th><th>early-stop iter.</th>" for _ in branches
-    )
+    head2 = "".join("<th>acc. (%)</th><th>ES iter.</th>" for _ in branches)
     _, rows = table_rows(run)
     body = []
     for row, cells in zip(run.rows, rows, strict=True):
@@ -669,11 +677,11 @@ def report_html(runs: Sequence[RunData], figures: Sequence[tuple[str, str]]) -> 
     ]
     for run in runs:
         who = f"<b>{e(run.name)}:</b> " if multi else ""
-        parts.append(f'<p class="answer">{who}{e(winning_sentence(run))}</p>')
+        parts.append(f'<p class="answer">{who}{e(winning_sentence(run, progress=False))}</p>')
         if not run.finished:
             parts.append(
-                f'<p class="pending">{who}this run has not finished; the table and figures '
-                "show the levels done so far.</p>"
+                f'<p class="pending">{who}this run has not finished (no summary.json yet); the '
+                f"table and figures show the {len(run.rows)} levels done so far.</p>"
             )
     parts.append("<h2>Summary</h2>")
     for run in runs:
@@ -681,9 +689,10 @@ def report_html(runs: Sequence[RunData], figures: Sequence[tuple[str, str]]) -> 
             parts.append(f"<h3>{e(run.name)}</h3>")
         parts.append(_html_table(run))
     parts.append(
-        "<p>Mean ± std over replicates; networks that diverged are excluded from the means and "
-        'counted. ★ marks the smallest winning ticket. Also as <a href="summary.md">summary.md</a>.'
-        "</p><h2>Figures</h2>"
+        "<p>acc.: test accuracy at early stop (the iteration of minimum validation loss); "
+        "ES iter.: that iteration. Mean ± std over replicates; networks that diverged are "
+        "excluded from the means and counted. ★ marks the smallest winning ticket. "
+        'Also as <a href="summary.md">summary.md</a>.</p><h2>Figures</h2>'
     )
     for stem, caption in figures:
         parts.append(
