@@ -252,6 +252,9 @@ def test_bad_input(tmp_path: Path) -> None:
     (run / "summary.json").write_text("{not json")
     with pytest.raises(TicketlabError, match="summary.json"):
         write_report([run])
+    (run / "summary.json").write_text('{"rows": [{"level": 0}]}')
+    with pytest.raises(TicketlabError, match="damaged"):
+        write_report([run])
 
 
 def test_curve_nulls_are_skipped(tmp_path: Path) -> None:

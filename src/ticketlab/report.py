@@ -12,14 +12,12 @@ band their min-max. Diverged networks are left out of every mean and counted in 
 
 from __future__ import annotations
 
-import contextlib
 import html
 import io
 import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -38,7 +36,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .errors import TicketlabError
-from .store import TMP_PREFIX
+from .store import atomic_write_bytes
 from .summary import answer_line, summarize
 
 PAPER_BRANCHES = ("ticket", "reinit", "random_prune")
@@ -95,12 +93,19 @@ def load_run(path: Path, name: str | None = None) -> RunData:
     path = Path(path)
     if not path.is_dir():
         raise TicketlabError(f"{path}: no such run folder")
-    config_path = path / "config.toml"
-    config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else ""
     try:
+        return _load_run(path, name)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise TicketlabError(f"{path}: not a ticketlab run folder, or damaged ({exc!r})") from None
+
+
+def _load_run(path: Path, name: str | None) -> RunData:
+    config_path = path / "config.toml"
+    try:
+        config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else ""
         config = tomllib.loads(config_text)
-    except tomllib.TOMLDecodeError as exc:
-        raise TicketlabError(f"{config_path}: not valid TOML ({exc})") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise TicketlabError(f"{config_path}: unreadable or not TOML ({exc})") from None
     meta = _read_json(path / "run.json") if (path / "run.json").is_file() else {}
     levels = sorted(
         (_read_json(p) for p in path.glob("levels/level_*/metrics.json")), key=lambda m: m["level"]
@@ -113,6 +118,10 @@ def load_run(path: Path, name: str | None = None) -> RunData:
         summary = summarize(levels, float(config.get("tolerance_pp", 0.5)))
     else:
         raise TicketlabError(f"{path}: no finished level yet, nothing to report")
+    for row in summary["rows"]:  # fail here, with the folder's name, not while drawing
+        float(row["weights_remaining"]), int(row["level"]), dict(row["branches"])
+    for metrics in levels:
+        float(metrics["weights_remaining"]), list(metrics["networks"])
     return RunData(
         path=path,
         name=name or path.resolve().name,
@@ -477,24 +486,7 @@ def _write_figure(fig: Figure, out_dir: Path, stem: str) -> None:
         else:
             with rc_context(SVG_RC):
                 fig.savefig(buf, format="svg", metadata={"Date": None})
-        _atomic_write(out_dir / f"{stem}.{fmt}", buf.getvalue())
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    """Temp file in the same folder, then rename: a reader never sees half a file. Readable by
-    all (0644), unlike the run's own files, since a report is meant to be shared or served."""
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fchmod(fh.fileno(), 0o644)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        atomic_write_bytes(out_dir / f"{stem}.{fmt}", buf.getvalue())
 
 
 FIGURES = (
@@ -527,9 +519,9 @@ def write_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
         if fig is not None:
             _write_figure(fig, out_dir, stem)
             figures.append((stem, caption))
-    _atomic_write(out_dir / "summary.md", summary_markdown(runs).encode())
+    atomic_write_bytes(out_dir / "summary.md", summary_markdown(runs).encode())
     index = out_dir / "index.html"
-    _atomic_write(index, report_html(runs, figures).encode())
+    atomic_write_bytes(index, report_html(runs, figures).encode())
     return index
 
 
@@ -736,6 +728,8 @@ def log_tensorboard(run_dir: Path, log_dir: Path | None = None) -> Path:
         ) from None
     run = load_run(Path(run_dir))
     log_dir = Path(log_dir) if log_dir is not None else run.path / "tensorboard"
+    for old in log_dir.glob("events.out.tfevents.*"):  # a resumed run logs afresh, not twice
+        old.unlink()
     writer = SummaryWriter(log_dir=str(log_dir))
     try:
         for row in run.rows:

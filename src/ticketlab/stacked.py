@@ -130,6 +130,12 @@ class SequentialStack:
     def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x.unsqueeze(0).expand(self.size, *x.shape))
 
+    def set_training(self, mode: bool) -> None:
+        """No layer here behaves differently in training and evaluation."""
+
+    def stacked_buffers(self) -> State:
+        return {}
+
 
 class VmapStack:
     """Generic path for any functional module: ``vmap`` over ``functional_call``."""
@@ -161,6 +167,12 @@ class VmapStack:
     def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
         return self._shared(self.params, self.buffers, x)
 
+    def set_training(self, mode: bool) -> None:
+        self.template.train(mode)
+
+    def stacked_buffers(self) -> State:
+        return self.buffers
+
 
 class SingleNetwork:
     """No stacking: one network through its own ``forward`` (BatchNorm, dropout, anything)."""
@@ -189,6 +201,13 @@ class SingleNetwork:
 
     def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x.unsqueeze(0))
+
+    def set_training(self, mode: bool) -> None:
+        self.module.train(mode)
+
+    def stacked_buffers(self) -> State:
+        """The live buffers (BatchNorm statistics) with a leading network axis of one (views)."""
+        return {n: b.unsqueeze(0) for n, b in self.buffers.items()}
 
 
 Stack = SequentialStack | VmapStack | SingleNetwork
@@ -232,7 +251,13 @@ def max_stack_size(template: nn.Module) -> int:
 
 
 def canonical_states(stack: Stack) -> list[State]:
-    """Per-network ``state_dict``-layout copies of the stack's parameters (detached)."""
+    """Per-network ``state_dict``-layout copies of the stack's parameters and buffers (detached)."""
+    return [canonical_state(stack, k) for k in range(stack.size)]
+
+
+def canonical_state(stack: Stack, k: int) -> State:
+    """Network ``k``'s ``state_dict``-layout copy of its parameters and buffers (detached)."""
     with torch.no_grad():
-        full = {n: stack.to_canonical(n, p).detach() for n, p in stack.params.items()}
-        return [{n: t[k].clone() for n, t in full.items()} for k in range(stack.size)]
+        state = {n: stack.to_canonical(n, p)[k].detach().clone() for n, p in stack.params.items()}
+        state.update({n: b[k].detach().clone() for n, b in stack.stacked_buffers().items()})
+        return state

@@ -37,6 +37,7 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
             fh.flush()
+            os.fchmod(fh.fileno(), 0o644)  # mkstemp's 0600 would keep a shared run private
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -10,6 +10,7 @@ weights are exactly zero at every step and the forward pass does no extra work.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,14 @@ from torch import nn
 
 from .data import Dataset
 from .mask import Mask
-from .stacked import Stack, State, canonical_states, max_stack_size, stack_networks
+from .stacked import (
+    Stack,
+    State,
+    canonical_state,
+    canonical_states,
+    max_stack_size,
+    stack_networks,
+)
 
 EVAL_CHUNK = 2048
 
@@ -108,6 +116,8 @@ class _Run:
     diverged_at: list[int | None] = field(default_factory=list)
     loss_sum: torch.Tensor | None = None
     loss_count: int = 0
+    # (step, per-network loss) not yet folded into loss_sum/diverged_at; see _flush_losses
+    pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
 def epoch_permutation(data_seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -165,59 +175,117 @@ def train_stack(
     data = data.to(dtype)
     stack = stack_networks(template, [j.init for j in jobs], dtype, data.x_train)
     k = stack.size
-    masks = {
-        name: stack.to_working(name, torch.stack([j.mask[name] for j in jobs])).to(dtype)
-        for name in jobs[0].mask.names()
-    }
-    masks = {n: m.contiguous() for n, m in masks.items()}
+    masks = _working_masks(stack, jobs, dtype)
     _apply_masks(stack, masks)
     optimizer = make_optimizer(list(stack.params.values()), spec)
     run = _Run(diverged_at=[None] * k, loss_sum=torch.zeros(k, dtype=torch.float64))
     run.curve = {key: [[] for _ in range(k)] for key in _CURVE_KEYS}
 
-    saved = checkpointer.load() if checkpointer else None
-    if saved is not None:
-        _restore(stack, optimizer, run, saved)
+    # Anything random inside the network (dropout) draws from the global generator: seed it from the
+    # job so a run is reproducible, and checkpoint its state so a resume is too.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_rng_seed(jobs))
+        saved = checkpointer.load() if checkpointer else None
+        if saved is not None:
+            _restore(stack, optimizer, run, saved)
+        _train_loop(stack, jobs, data, spec, masks, optimizer, run, progress, checkpointer, saved)
+    return _results(stack, jobs, run)
 
-    n_train, batch = data.x_train.shape[0], spec.batch_size
-    per_epoch = max(1, n_train // batch)
+
+def _train_loop(
+    stack: Stack,
+    jobs: Sequence[Job],
+    data: Dataset,
+    spec: TrainSpec,
+    masks: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    run: _Run,
+    progress: Progress | None,
+    checkpointer: Checkpointer | None,
+    saved: dict[str, Any] | None,
+) -> None:
+    """The hot loop: everything not needed every step is hoisted out of it."""
+    k = stack.size
+    batches = _Batches(data, [j.data_seed for j in jobs], spec.batch_size)
     eval_at = set(spec.eval_steps())
-    perms: torch.Tensor | None = None
+    snapshot_at: dict[int, list[int]] = {}
+    for i, job in enumerate(jobs):
+        if job.snapshot_step is not None:
+            snapshot_at.setdefault(job.snapshot_step, []).append(i)
+    every = checkpointer.every if checkpointer else 0
+    resumed_at = saved_step(saved)
+    groups = optimizer.param_groups
+    forward = stack.forward
+    lr_now = None
     for step in range(run.step, spec.steps + 1):
         run.step = step
         # saved before this step's snapshot and evaluation, so a resume at ``step`` redoes both
-        if checkpointer and step and step % checkpointer.every == 0 and saved_step(saved) != step:
+        if every and step and step % every == 0 and resumed_at != step:
             checkpointer.save(_checkpoint(stack, optimizer, run))
-        for i, job in enumerate(jobs):
-            if job.snapshot_step == step:
-                run.snapshots[i] = canonical_states(stack)[i]
+        if step in snapshot_at:
+            for i in snapshot_at[step]:
+                run.snapshots[i] = canonical_state(stack, i)
         if step in eval_at:
             _evaluate(stack, data, run)
         if step == spec.steps:
             break
-        epoch, position = divmod(step, per_epoch)
-        if perms is None or position == 0:
-            perms = torch.stack([epoch_permutation(j.data_seed, epoch, n_train) for j in jobs])
-        idx = perms[:, position * batch : (position + 1) * batch]
-        x, y = data.x_train[idx], data.y_train[idx]
-        for group in optimizer.param_groups:
-            group["lr"] = spec.lr * spec.lr_factor(step)
-        logits = stack.forward(x)
-        per_net = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
-        ).view(k, -1)
-        per_net_loss = per_net.mean(dim=1)
+        x, y = batches(step)
+        lr = spec.lr * spec.lr_factor(step)
+        if lr != lr_now:
+            for group in groups:
+                group["lr"] = lr
+            lr_now = lr
+        logits = forward(x)
+        per_net_loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), y, reduction="none"
+        ).view(k, -1).mean(dim=1)
         optimizer.zero_grad(set_to_none=True)
         per_net_loss.sum().backward()
         optimizer.step()
         _apply_masks(stack, masks)
-        loss_values = per_net_loss.detach().double()
-        _mark_diverged(run, loss_values, step)
-        run.loss_sum += torch.nan_to_num(loss_values, nan=0.0, posinf=0.0, neginf=0.0)
-        run.loss_count += 1
+        run.pending.append((step, per_net_loss.detach()))
         if progress:
             progress(k)
-    return _results(stack, jobs, run)
+    _flush_losses(run)
+
+
+class _Batches:
+    """Each network's minibatch for a step, gathered with one ``index_select`` into reused buffers.
+
+    Network ``i`` sees ``epoch_permutation(seed_i, epoch)`` in order; ``x`` comes back as
+    ``[K, B, *input_shape]`` and ``y`` flat as ``[K*B]``.
+    """
+
+    def __init__(self, data: Dataset, seeds: list[int], batch: int):
+        self.n = data.x_train.shape[0]
+        self.x = data.x_train.reshape(self.n, -1)
+        self.y = data.y_train
+        self.shape = tuple(data.x_train.shape[1:])
+        self.seeds, self.batch = seeds, batch
+        self.per_epoch = max(1, self.n // batch)
+        self.epoch = -1
+        self.perms = torch.empty(0, dtype=torch.int64)
+        rows = len(seeds) * min(batch, self.n)
+        self.x_out = torch.empty(rows, self.x.shape[1], dtype=self.x.dtype)
+        self.y_out = torch.empty(rows, dtype=self.y.dtype)
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, position = divmod(step, self.per_epoch)
+        if epoch != self.epoch:
+            self.perms = torch.stack([epoch_permutation(s, epoch, self.n) for s in self.seeds])
+            self.epoch = epoch
+        idx = self.perms[:, position * self.batch : (position + 1) * self.batch].reshape(-1)
+        if idx.numel() == self.y_out.numel():
+            torch.index_select(self.x, 0, idx, out=self.x_out)
+            torch.index_select(self.y, 0, idx, out=self.y_out)
+            x, y = self.x_out, self.y_out
+        else:
+            x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
+        return x.view(len(self.seeds), -1, *self.shape), y
+
+
+def _rng_seed(jobs: Sequence[Job]) -> int:
+    return (jobs[0].data_seed * 1_000_003 + 0x5EED) % (2**63 - 1)
 
 
 _CURVE_KEYS = ("iteration", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc")
@@ -227,22 +295,55 @@ def saved_step(saved: dict[str, Any] | None) -> int | None:
     return None if saved is None else int(saved["step"])
 
 
+def _working_masks(stack: Stack, jobs: Sequence[Job], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Masks in the parameters' working layout, as multipliers; all-true tensors are left out
+    (multiplying by one changes nothing, so a dense network pays nothing for its mask)."""
+    masks = {}
+    for name in jobs[0].mask.names():
+        keep = torch.stack([j.mask[name] for j in jobs])
+        if not bool(keep.all()):
+            masks[name] = stack.to_working(name, keep).to(dtype).contiguous()
+    return masks
+
+
 def _apply_masks(stack: Stack, masks: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, mask in masks.items():
             stack.params[name].mul_(mask)
 
 
-def _mark_diverged(run: _Run, losses: torch.Tensor, step: int) -> None:
+def _flush_losses(run: _Run) -> None:
+    """Fold the per-step training losses recorded since the last flush into ``run``: the first
+    non-finite step of each network, and the running sum (non-finite counted as zero).
+
+    ``cumsum`` adds row after row, exactly like adding each step's losses as it comes, so where
+    the flushes fall (evaluations, checkpoints) never changes a bit of the result.
+    """
+    if not run.pending:
+        return
+    steps = [s for s, _ in run.pending]
+    losses = torch.stack([v for _, v in run.pending]).double()
+    run.pending.clear()
     bad = ~torch.isfinite(losses)
     if bool(bad.any()):
-        for i in torch.nonzero(bad).flatten().tolist():
+        for row, i in torch.nonzero(bad).tolist():
             if run.diverged_at[i] is None:
-                run.diverged_at[i] = step
+                run.diverged_at[i] = steps[row]
+    finite = torch.nan_to_num(losses, nan=0.0, posinf=0.0, neginf=0.0)
+    run.loss_sum = torch.cat([run.loss_sum.unsqueeze(0), finite]).cumsum(0)[-1].clone()
+    run.loss_count += len(steps)
 
 
-@torch.no_grad()
 def _loss_and_accuracy(stack: Stack, x: torch.Tensor, y: torch.Tensor):
+    stack.set_training(False)  # BatchNorm uses its running statistics, dropout is off
+    try:
+        with torch.no_grad():
+            return _loss_and_accuracy_eval(stack, x, y)
+    finally:
+        stack.set_training(True)
+
+
+def _loss_and_accuracy_eval(stack: Stack, x: torch.Tensor, y: torch.Tensor):
     losses, correct = [], []
     for start in range(0, x.shape[0], EVAL_CHUNK):
         logits = stack.forward_shared(x[start : start + EVAL_CHUNK])
@@ -257,6 +358,7 @@ def _loss_and_accuracy(stack: Stack, x: torch.Tensor, y: torch.Tensor):
 
 
 def _evaluate(stack: Stack, data: Dataset, run: _Run) -> None:
+    _flush_losses(run)
     val_loss, val_acc = _loss_and_accuracy(stack, data.x_val, data.y_val)
     test_loss, test_acc = _loss_and_accuracy(stack, data.x_test, data.y_test)
     train_loss = run.loss_sum / run.loss_count if run.loss_count else torch.full_like(val_loss, math.nan)
@@ -276,6 +378,7 @@ def _evaluate(stack: Stack, data: Dataset, run: _Run) -> None:
 
 
 def _results(stack: Stack, jobs: Sequence[Job], run: _Run) -> list[Result]:
+    _flush_losses(run)
     finals = canonical_states(stack)
     results = []
     for i, _job in enumerate(jobs):
@@ -302,26 +405,38 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def _checkpoint(stack: Stack, optimizer: torch.optim.Optimizer, run: _Run) -> dict[str, Any]:
+    """A copy of everything training depends on: nothing in it is shared with live state."""
+    _flush_losses(run)
     return {
         "step": run.step,
         "params": {n: p.detach().clone() for n, p in stack.params.items()},
-        "optimizer": optimizer.state_dict(),
-        "curve": run.curve,
-        "snapshots": {str(i): s for i, s in run.snapshots.items()},
+        "buffers": {n: b.clone() for n, b in stack.stacked_buffers().items()},
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "curve": copy.deepcopy(run.curve),
+        "snapshots": {str(i): {n: t.clone() for n, t in s.items()} for i, s in run.snapshots.items()},
         "diverged_at": [-1 if d is None else d for d in run.diverged_at],
         "loss_sum": run.loss_sum.clone(),
         "loss_count": run.loss_count,
+        "rng": torch.get_rng_state(),
     }
 
 
 def _restore(stack: Stack, optimizer: torch.optim.Optimizer, run: _Run, saved: dict) -> None:
+    """Load a checkpoint by copy (the caller's object stays untouched and reusable)."""
     with torch.no_grad():
         for name, tensor in saved["params"].items():
             stack.params[name].copy_(tensor)
-    optimizer.load_state_dict(saved["optimizer"])
+        live = stack.stacked_buffers()
+        for name, tensor in saved.get("buffers", {}).items():
+            live[name].copy_(tensor)
+    optimizer.load_state_dict(copy.deepcopy(saved["optimizer"]))
     run.step = int(saved["step"])
-    run.curve = saved["curve"]
-    run.snapshots = {int(i): s for i, s in saved["snapshots"].items()}
+    run.curve = copy.deepcopy(saved["curve"])
+    run.snapshots = {
+        int(i): {n: t.clone() for n, t in s.items()} for i, s in saved["snapshots"].items()
+    }
     run.diverged_at = [None if d < 0 else int(d) for d in saved["diverged_at"]]
     run.loss_sum = saved["loss_sum"].clone()
     run.loss_count = int(saved["loss_count"])
+    if "rng" in saved:
+        torch.set_rng_state(saved["rng"])
