@@ -1,4 +1,4 @@
-"""The command line: listings, a real run, and every bad input -> one line, exit 2, nothing written."""
+"""The command line: listings, a real run, every bad input -> one line, exit 2, nothing written."""
 
 import json
 
@@ -45,11 +45,14 @@ def test_find_prints_table_and_answer_and_saves_config(capsys, tmp_path):
 
 def test_config_file_then_flags(capsys, tmp_path):
     toml = tmp_path / "run.toml"
-    toml.write_text('model = "lenet_300_100"\ndata = "digits"\nlevels = 1\nreplicates = 1\n'
-                    'steps = 20\nbatch_size = 32\neval_every = 10\nreport = false\nlr = 0.5\n')
+    toml.write_text(
+        'model = "lenet_300_100"\ndata = "digits"\nlevels = 1\nreplicates = 1\n'
+        "steps = 20\nbatch_size = 32\neval_every = 10\nreport = false\nlr = 0.5\n"
+    )
     out_dir = tmp_path / "run"
-    code, _, err = run_cli(capsys, ["find", "--config", str(toml), "--lr", "0.001",
-                                    "--out", str(out_dir)])
+    code, _, err = run_cli(
+        capsys, ["find", "--config", str(toml), "--lr", "0.001", "--out", str(out_dir)]
+    )
     assert code == 0, err
     assert "lr = 0.001" in (out_dir / "config.toml").read_text()
 
@@ -75,8 +78,9 @@ BAD_ARGS = [
 @pytest.mark.parametrize(("args", "message"), BAD_ARGS)
 def test_bad_input_is_one_line_exit_2_nothing_written(capsys, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_cli(capsys, [*args, "--out", str(tmp_path / "run")]
-                             if args[0] == "find" else args)
+    code, out, err = run_cli(
+        capsys, [*args, "--out", str(tmp_path / "run")] if args[0] == "find" else args
+    )
     assert code == 2
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: ") and message in err

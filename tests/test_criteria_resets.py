@@ -1,4 +1,4 @@
-"""Each criterion ranks weights as Zhou et al. define it; each reset keeps the mask and its property."""
+"""Each criterion ranks weights as Zhou et al. define it; each reset keeps its mask and property."""
 
 import pytest
 import torch

@@ -103,6 +103,7 @@ def test_rewind_restores_the_step_k_weights_on_survivors(tiny_settings):
     search = run_search(config)
     data = load_dataset(config.data, config.val_fraction, config.seed)
     template = build_model(config.model, data.input_shape, data.num_classes, 0)
+
     def init_state(seed):
         return build_model(config.model, data.input_shape, data.num_classes, seed).state_dict()
 

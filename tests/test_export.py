@@ -17,11 +17,14 @@ def test_export_round_trips_and_is_smaller(tiny_settings, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "smaller" in printed and "inference" in printed
     model = load_ticket(out)
-    final = load_replicates(search.store, f"{level_dir(4)}/ticket_final.safetensors",
-                            search.config)[0]
+    final = load_replicates(
+        search.store, f"{level_dir(4)}/ticket_final.safetensors", search.config
+    )[0]
     mask = load_masks(search.store, 4, search.config)[0]
     for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, final[name] * mask[name] if name in mask.tensors else final[name])
+        assert torch.equal(
+            tensor, final[name] * mask[name] if name in mask.tensors else final[name]
+        )
     dense_bytes = sum(t.numel() * 4 for t in final.values())
     assert out.stat().st_size < 0.6 * dense_bytes  # 41% remain + 1 bit per weight
 

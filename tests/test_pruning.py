@@ -77,7 +77,9 @@ def test_global_on_a_real_network_is_exact_and_shrinks():
 def test_random_mask_has_equal_per_layer_sparsity_and_differs():
     mask = _lenet_mask()
     rates = {n: 0.5 for n in mask.names()}
-    mask = prune_layerwise(mask, {n: large_final(None, torch.randn(mask[n].shape), None) for n in mask.names()}, rates)
+    mask = prune_layerwise(
+        mask, {n: large_final(None, torch.randn(mask[n].shape), None) for n in mask.names()}, rates
+    )
     rand = random_mask_like(mask, torch.Generator().manual_seed(1))
     for n in mask.names():
         assert int(rand[n].sum()) == int(mask[n].sum())

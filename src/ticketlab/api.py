@@ -121,7 +121,9 @@ def run_search(
         if not store.path("config.toml").exists():
             from .store import atomic_write_bytes
 
-            atomic_write_bytes(store.path("config.toml"), tomli_w.dumps(config.to_toml_dict()).encode())
+            atomic_write_bytes(
+                store.path("config.toml"), tomli_w.dumps(config.to_toml_dict()).encode()
+            )
             store.write_json("run.json", _metadata(config, data))
         store.clean_temp_files()
         setup = Setup(config, template, init_state, data, store)
@@ -170,7 +172,7 @@ def find_ticket(
 ) -> TicketSearch:
     """IMP on any ``nn.Module``: ``train``/``test`` are (inputs, integer labels) tensors.
 
-    ``settings`` are config keys (``levels``, ``replicates``, ``steps``, ``fc_rate``, ...). Replicate
+    ``settings`` are config keys (``levels``, ``replicates``, ``steps``, ``fc_rate``...). Replicate
     inits and the reinit control come from the model's own ``reset_parameters`` under a seed.
     """
     if not isinstance(model, nn.Module):

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer.exceptions import TyperException
 from rich.console import Console
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from .errors import TicketlabError
 
@@ -65,7 +65,9 @@ def find(
     stack_size: Annotated[int | None, Opt(help="Networks trained side by side (0 = auto).")] = None,
     no_batch: Annotated[bool, Opt("--no-batch", help="Train networks one by one.")] = False,
     checkpoint_every: Annotated[int | None, Opt(help="Checkpoint every N steps.")] = None,
-    tensorboard: Annotated[bool, Opt("--tensorboard", help="Also log TensorBoard scalars.")] = False,
+    tensorboard: Annotated[
+        bool, Opt("--tensorboard", help="Also log TensorBoard scalars.")
+    ] = False,
     no_report: Annotated[bool, Opt("--no-report", help="Skip the HTML report.")] = False,
 ) -> None:
     """Iterative magnitude pruning with the paper's controls; prints the table and the answer."""
@@ -166,7 +168,9 @@ def export(
 
     if not (run / "config.toml").is_file():
         raise TicketlabError(f"{run} is not a ticketlab run folder (no config.toml)")
-    report = export_ticket(run, resolve_saved(run / "config.toml"), level, out, replicate, not rewind)
+    report = export_ticket(
+        run, resolve_saved(run / "config.toml"), level, out, replicate, not rewind
+    )
     for line in report.lines():
         Console().print(line)
 

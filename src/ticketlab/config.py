@@ -90,7 +90,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lenet_300_100": {"optimizer": "adam", "lr": 1.2e-3, "batch_size": 60, "steps": 50_000},
     "conv2": {"optimizer": "adam", "lr": 2e-4, "batch_size": 60, "steps": 20_000, "conv_rate": 0.1},
     "conv4": {"optimizer": "adam", "lr": 3e-4, "batch_size": 60, "steps": 25_000, "conv_rate": 0.1},
-    "conv6": {"optimizer": "adam", "lr": 3e-4, "batch_size": 60, "steps": 30_000, "conv_rate": 0.15},
+    "conv6": {
+        "optimizer": "adam",
+        "lr": 3e-4,
+        "batch_size": 60,
+        "steps": 30_000,
+        "conv_rate": 0.15,
+    },
     "mnist1d_mlp": {"optimizer": "adam", "lr": 2e-2, "batch_size": 100, "steps": 1500},
 }
 
@@ -177,7 +183,9 @@ def validate(c: Config) -> None:
         f"output_rate must be in (0, 1), got {c.output_layer_rate()}",
     )
     need(c.scope in ("layer", "global"), f"scope must be 'layer' or 'global', got {c.scope!r}")
-    need(c.criterion in CRITERIA, f"unknown criterion {c.criterion!r}; known: {', '.join(CRITERIA)}")
+    need(
+        c.criterion in CRITERIA, f"unknown criterion {c.criterion!r}; known: {', '.join(CRITERIA)}"
+    )
     need(c.reset in RESETS, f"unknown reset {c.reset!r}; known: {', '.join(RESETS)}")
     need(0 <= c.rewind_step < c.steps, f"rewind_step must be in [0, steps), got {c.rewind_step}")
     for control in c.controls:

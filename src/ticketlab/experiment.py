@@ -107,7 +107,7 @@ def run_imp(setup: Setup, progress: Progress | None = None) -> list[dict]:
 def branch_jobs(
     setup: Setup, level: int, masks: list[Mask], rewind: list[State] | None
 ) -> list[tuple[str, int, Job]]:
-    """(branch, replicate, job) for every network of a level: the ticket and the paper's controls."""
+    """(branch, replicate, job) for each network of a level: the ticket and the paper's controls."""
     c = setup.config
     jobs = []
     for branch in branches(c, level):
@@ -143,7 +143,9 @@ def _make_job(
     rewind = rewinds[r]
     reset_name = {"ticket": c.reset, "reinit": "reinit", "random_prune": "rewind"}[branch]
     if branch == "random_prune":
-        mask = random_mask_like(mask, torch.Generator().manual_seed(derive_seed(c.seed, branch, r, level)))
+        mask = random_mask_like(
+            mask, torch.Generator().manual_seed(derive_seed(c.seed, branch, r, level))
+        )
     fresh = setup.init_state(derive_seed(c.seed, "fresh", branch, r, level))
     reset = get_reset(reset_name)
     g = torch.Generator().manual_seed(derive_seed(c.seed, "reset", branch, r, level))
@@ -153,7 +155,9 @@ def _make_job(
     return Job(init, mask, data_seed)
 
 
-def train_level(setup: Setup, level: int, jobs: list[Job], progress: Progress | None) -> list[Result]:
+def train_level(
+    setup: Setup, level: int, jobs: list[Job], progress: Progress | None
+) -> list[Result]:
     size = setup.stack_size()
     chunks = chunk_count(setup.template, len(jobs), size)
     checkpointers = [
@@ -195,7 +199,9 @@ def save_level(
 ) -> None:
     """Tensors first, metrics.json last: its existence marks the level as done."""
     c, store, where = setup.config, setup.store, level_dir(level)
-    tickets = [(r, job, res) for (b, r, job), res in zip(jobs, results, strict=True) if b == "ticket"]
+    tickets = [
+        (r, job, res) for (b, r, job), res in zip(jobs, results, strict=True) if b == "ticket"
+    ]
     if level == 0:
         store.write_tensors(
             "rewind.safetensors",

@@ -132,7 +132,9 @@ class _SparseLinear(nn.Module):
 
 
 @torch.no_grad()
-def _speed(model: nn.Module, pruned: list[str], input_shape: tuple[int, ...]) -> tuple[float, float]:
+def _speed(
+    model: nn.Module, pruned: list[str], input_shape: tuple[int, ...]
+) -> tuple[float, float]:
     """Median ms per batch of 256 for the dense model and one with sparse (CSR) Linear layers."""
     sparse = nn.Sequential(
         *[

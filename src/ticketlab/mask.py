@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -58,7 +57,7 @@ class Mask:
                 params[name].mul_(keep.to(params[name].dtype))
 
     def to_torch_prune(self, model: nn.Module) -> None:
-        """Attach to ``model`` with ``torch.nn.utils.prune.custom_from_mask`` (the API people know)."""
+        """Attach via ``torch.nn.utils.prune.custom_from_mask`` (the API people know)."""
         from torch.nn.utils import prune
 
         modules = dict(model.named_modules())

@@ -51,9 +51,7 @@ def mnist1d_mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential
     return _glorot(_mlp(input_shape, [500, 500], num_classes))
 
 
-def _conv_net(
-    input_shape: tuple[int, ...], num_classes: int, blocks: list[int]
-) -> nn.Sequential:
+def _conv_net(input_shape: tuple[int, ...], num_classes: int, blocks: list[int]) -> nn.Sequential:
     """Conv-2/4/6 of the LTH paper: pairs of 3x3 convs then max-pool, then fc 256-256-classes."""
     if len(input_shape) != 3:
         raise TicketlabError(

@@ -25,8 +25,10 @@ def _keep_top(scores: torch.Tensor, alive: torch.Tensor, n_keep: int) -> torch.T
     return keep.view_as(alive)
 
 
-def prune_layerwise(mask: Mask, scores: Mapping[str, torch.Tensor], rates: Mapping[str, float]) -> Mask:
-    """Each layer loses ``rates[name]`` of its remaining weights (the paper's Lenet/Conv setting)."""
+def prune_layerwise(
+    mask: Mask, scores: Mapping[str, torch.Tensor], rates: Mapping[str, float]
+) -> Mask:
+    """Each layer loses ``rates[name]`` of its remaining weights (the paper's Lenet/Conv way)."""
     new = {}
     for name, alive in mask.tensors.items():
         n_alive = int(alive.sum())
@@ -36,7 +38,7 @@ def prune_layerwise(mask: Mask, scores: Mapping[str, torch.Tensor], rates: Mappi
 
 
 def prune_global(mask: Mask, scores: Mapping[str, torch.Tensor], rate: float) -> Mask:
-    """All layers compete in one ranking; ``rate`` of all remaining weights go (VGG/ResNet setting)."""
+    """All layers compete in one ranking; ``rate`` of all remaining weights go (VGG/ResNet way)."""
     names = mask.names()
     alive = torch.cat([mask[n].flatten() for n in names])
     flat_scores = torch.cat([scores[n].detach().flatten().to(torch.float64) for n in names])

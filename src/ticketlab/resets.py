@@ -2,7 +2,7 @@
 
 Each reset sees, for one prunable tensor, the rewind point (weights at step k; k=0 is the original
 init), a fresh init of the same architecture, and the keep mask. Zhou et al. (arXiv 1905.01067 §3)
-show that keeping the *sign* of the rewind point is what matters; the sign-preserving variants test it.
+show that keeping the *sign* of the rewind point is what matters; sign-preserving variants test it.
 Pruned entries are returned as zero. Adding a reset is one function and one line in ``RESETS``.
 """
 
@@ -35,7 +35,9 @@ def reinit(w_rewind: torch.Tensor, w_fresh: torch.Tensor, keep: torch.Tensor, g:
     return w_fresh * keep
 
 
-def reshuffle(w_rewind: torch.Tensor, w_fresh: torch.Tensor, keep: torch.Tensor, g: torch.Generator):
+def reshuffle(
+    w_rewind: torch.Tensor, w_fresh: torch.Tensor, keep: torch.Tensor, g: torch.Generator
+):
     """Survivors' rewind values permuted within the layer (same value distribution, new places)."""
     return _shuffled_survivors(w_rewind, keep, g)
 

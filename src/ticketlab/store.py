@@ -144,7 +144,7 @@ class RunStore:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise TicketlabError(
-                    f"{self.root} is in use by another ticketlab run; wait for it or use another --out"
+                    f"{self.root} is in use by another ticketlab run; wait or use another --out"
                 ) from None
             yield
         finally:

@@ -64,7 +64,11 @@ def winning_ticket(rows: list[dict[str, Any]], tolerance_pp: float) -> dict[str,
             dense["early_stop_test_acc"]["mean"] - tolerance_pp / 100
         )
         iter_ok = ticket["early_stop_iter"]["mean"] <= dense["early_stop_iter"]["mean"]
-        if acc_ok and iter_ok and (best is None or row["weights_remaining"] < best["weights_remaining"]):
+        if (
+            acc_ok
+            and iter_ok
+            and (best is None or row["weights_remaining"] < best["weights_remaining"])
+        ):
             best = {"level": row["level"], "weights_remaining": row["weights_remaining"]}
     return best
 
@@ -76,7 +80,7 @@ def _pct(stat: dict[str, float | None]) -> str:
 
 
 def table(summary: dict[str, Any]) -> Table:
-    """Level, % remaining, accuracy at early stop per branch (mean ± std, %), early-stop iteration."""
+    """Level, % remaining, early-stop accuracy per branch (mean ± std, %), early-stop iteration."""
     branch_names = list(dict.fromkeys(b for row in summary["rows"] for b in row["branches"]))
     out = Table(title="Test accuracy at early stop (%), mean ± std over replicates")
     out.add_column("level", justify="right")
