@@ -32,7 +32,7 @@ from .experiment import Setup, load_masks, load_rewind, run_imp, total_steps
 from .mask import Mask
 from .models import build_model
 from .stacked import State
-from .store import RunStore
+from .store import TMP_PREFIX, RunStore, atomic_write_bytes
 from .summary import answer_line, summarize, table
 
 
@@ -70,9 +70,14 @@ def open_store(config: Config) -> RunStore:
                 f"{root} holds a different experiment (differs in: {', '.join(changed)}); "
                 "use another --out"
             )
-    elif root.exists() and any(root.iterdir()):
+    elif root.exists() and any(not _ours_before_config(p.name) for p in root.iterdir()):
         raise TicketlabError(f"{root} is not empty and holds no ticketlab run; use another --out")
     return store
+
+
+def _ours_before_config(name: str) -> bool:
+    """What a run creates before config.toml: its lock, and a temp file if killed mid-write."""
+    return name == ".lock" or name.startswith(TMP_PREFIX)
 
 
 def resolve_saved(path: Path) -> Config:
@@ -119,17 +124,24 @@ def run_search(
     assert init_state is not None
     with store.lock():
         if not store.path("config.toml").exists():
-            from .store import atomic_write_bytes
-
             atomic_write_bytes(
                 store.path("config.toml"), tomli_w.dumps(config.to_toml_dict()).encode()
             )
+        if not store.exists("run.json"):  # separately: a run can be killed between the two
             store.write_json("run.json", _metadata(config, data))
         store.clean_temp_files()
-        setup = Setup(config, template, init_state, data, store)
+
+        def warn(message: str) -> None:
+            console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+        setup = Setup(config, template, init_state, data, store, warn)
         with _progress_bar(console) as bar:
             task = bar.add_task("ticket search", total=total_steps(config))
-            levels = run_imp(setup, progress=lambda n: bar.advance(task, n))
+            try:
+                levels = run_imp(setup, progress=lambda n: bar.advance(task, n))
+            except BaseException:
+                bar.live.transient = True  # an error leaves its one line, not a half-drawn bar
+                raise
         summary = summarize(levels, config.tolerance_pp)
         store.write_json("summary.json", summary)
         if config.report:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -144,8 +145,10 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise TicketlabError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise TicketlabError(f"config file {path} is not valid TOML: {exc}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL in the path
         raise TicketlabError(f"cannot read config file {path}: {exc}") from None
+    except RecursionError:  # tomllib recurses once per nesting level of arrays and tables
+        raise TicketlabError(f"config file {path} is not valid TOML: nested too deeply") from None
     return table
 
 
@@ -156,6 +159,11 @@ def validate(c: Config) -> None:
     def need(cond: bool, message: str) -> None:
         if not cond:
             raise TicketlabError(message)
+
+    for f in fields(c):  # inf passes every range check below (lr = inf would train to NaN)
+        value = getattr(c, f.name)
+        if isinstance(value, float):
+            need(math.isfinite(value), f"{f.name} must be a finite number, got {value}")
 
     # "custom" names come from the Python API, which brings its own module and tensors
     known_model = c.model in MODELS or c.model.startswith("custom:")
@@ -193,4 +201,4 @@ def validate(c: Config) -> None:
     need(c.tolerance_pp >= 0, f"tolerance_pp must be >= 0, got {c.tolerance_pp}")
     need(c.stack_size >= 0, f"stack_size must be >= 0, got {c.stack_size}")
     need(c.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {c.checkpoint_every}")
-    need(bool(c.out), "out must be a folder path")
+    need(bool(c.out) and "\0" not in c.out, f"out must be a folder path, got {c.out!r}")

@@ -9,8 +9,9 @@ run take exactly the same path.
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from torch import nn
 from .config import Config
 from .criteria import get_criterion
 from .data import Dataset
+from .errors import TicketlabError
 from .mask import Mask, layer_kinds, prunable_names
 from .pruning import prune, random_mask_like
 from .resets import get_reset
@@ -26,6 +28,10 @@ from .store import RunStore
 from .trainer import Job, Progress, Result, TrainSpec, chunk_count, train
 
 InitState = Callable[[int], State]
+
+
+def _warn_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def derive_seed(*parts: object) -> int:
@@ -42,6 +48,7 @@ class Setup:
     init_state: InitState
     data: Dataset
     store: RunStore
+    warn: Callable[[str], None] = field(default=_warn_stderr, compare=False)
 
     @property
     def prunable(self) -> list[str]:
@@ -86,6 +93,8 @@ def run_imp(setup: Setup, progress: Progress | None = None) -> list[dict]:
     metrics = []
     for level in range(c.levels + 1):
         if store.exists(f"{level_dir(level)}/metrics.json"):
+            load_masks(store, level, c)  # verified (checksum, owner); the loop recomputes them
+            remove_checkpoints(store, level)  # left if a run was killed just after metrics.json
             if progress:
                 progress(level_size(c, level) * c.steps)
         else:
@@ -165,6 +174,7 @@ def train_level(
             setup.store,
             f"{level_dir(level)}/checkpoint_s{size or 0}_c{i}.safetensors",
             setup.config.checkpoint_every,
+            setup.warn,
         )
         for i in range(chunks)
     ]
@@ -181,14 +191,28 @@ def train_level(
 
 @dataclass
 class StoreCheckpointer:
-    """Mid-level training state in the run folder (checksummed, no pickle)."""
+    """Mid-level training state in the run folder (checksummed, no pickle).
+
+    A checkpoint is a cache: the level's results are a deterministic function of files already
+    verified (the rewind point, the previous level), so one that fails verification (corrupted,
+    truncated, foreign) is reported in one line, deleted, and the chunk trains from its start to
+    the same bits. Completed levels' files are never discarded: a bad one stops the run.
+    """
 
     store: RunStore
     rel: str
     every: int
+    warn: Callable[[str], None] = _warn_stderr
 
     def load(self) -> dict | None:
-        return self.store.read_state(self.rel) if self.store.exists(self.rel) else None
+        if not self.store.exists(self.rel):
+            return None
+        try:
+            return self.store.read_state(self.rel)
+        except TicketlabError as exc:
+            self.warn(f"{exc}; discarding it and retraining its networks from the level's start")
+            self.store.remove(self.rel)
+            return None
 
     def save(self, state: dict) -> None:
         self.store.write_state(self.rel, state)
@@ -230,8 +254,12 @@ def save_level(
             "networks": networks,
         },
     )
-    for path in store.path(where).glob("checkpoint_*.safetensors"):
-        path.unlink()
+    remove_checkpoints(store, level)
+
+
+def remove_checkpoints(store: RunStore, level: int) -> None:
+    for path in store.path(level_dir(level)).glob("checkpoint_*.safetensors"):
+        path.unlink(missing_ok=True)
 
 
 def load_replicates(store: RunStore, rel: str, c: Config) -> list[State]:

@@ -56,8 +56,9 @@ def _json_checksum(obj: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
 
-def _tensor_checksum(tensors: dict[str, torch.Tensor], meta: str) -> str:
-    digest = hashlib.sha256(meta.encode())
+def _tensor_checksum(tensors: dict[str, torch.Tensor], meta: str, config_hash: str) -> str:
+    # the config hash is covered too, so a damaged hash reads as corruption, not as a foreign file
+    digest = hashlib.sha256(json.dumps([meta, config_hash]).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous()
         digest.update(name.encode())
@@ -92,9 +93,13 @@ class RunStore:
     def read_json(self, rel: str) -> dict[str, Any]:
         path = self.path(rel)
         try:
-            obj = json.loads(path.read_bytes())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise TicketlabError(f"{path}: unreadable or not JSON ({exc})") from None
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise TicketlabError(f"{path}: cannot read ({exc.strerror})") from None
+        try:
+            obj = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise TicketlabError(f"{path}: corrupted, not valid JSON ({exc})") from None
         if not isinstance(obj, dict) or obj.get(CHECKSUM_KEY) != _json_checksum(obj):
             raise TicketlabError(f"{path}: checksum mismatch, the file is corrupted")
         self._check_owner(path, obj.get(CONFIG_HASH_KEY))
@@ -109,7 +114,7 @@ class RunStore:
         header = {
             "meta": meta_json,
             "config_hash": self.config_hash,
-            "sha256": _tensor_checksum(tensors, meta_json),
+            "sha256": _tensor_checksum(tensors, meta_json, self.config_hash),
         }
         atomic_write_bytes(self.path(rel), st_save(tensors, metadata=header))
 
@@ -173,10 +178,10 @@ def read_checked_tensors(
         header_size = int.from_bytes(raw[:8], "little")
         header = json.loads(raw[8 : 8 + header_size]).get("__metadata__") or {}
     except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
-        raise TicketlabError(f"{path}: not a valid safetensors file ({exc})") from None
+        raise TicketlabError(f"{path}: corrupted, not a valid safetensors file ({exc})") from None
     if "sha256" not in header or "meta" not in header:
         raise TicketlabError(f"{path}: not written by ticketlab (no checksum)")
-    if header["sha256"] != _tensor_checksum(tensors, header["meta"]):
+    if header["sha256"] != _tensor_checksum(tensors, header["meta"], header.get("config_hash", "")):
         raise TicketlabError(f"{path}: checksum mismatch, the file is corrupted")
     if config_hash is not None and header.get("config_hash") != config_hash:
         raise TicketlabError(
