@@ -144,7 +144,7 @@ def test_controls_use_a_fresh_init_and_a_random_mask_of_equal_sparsity(tiny_sett
             assert torch.equal(reinit.mask[name], keep)
             assert not torch.equal(reinit.init[name][keep], ticket.init[name][keep])
             # fresh draws come from the same Glorot distribution
-            ratio = reinit.init[name][keep].std() / ticket.init[name][keep].std()
+            ratio = reinit.init[name][keep].std() / rewind[r][name].std()
             assert 0.9 < float(ratio) < 1.1
             assert int(rand.mask[name].sum()) == int(keep.sum())
             assert not torch.equal(rand.mask[name], keep)
