@@ -175,16 +175,83 @@ def export(
         Console().print(line)
 
 
+def one_line(message: str) -> str:
+    """Escape what would break the message over lines (a newline in a path or a name)."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in message)
+
+
+@app.command()
+def compare(
+    model: Annotated[str, Opt(help="Model name (see `ticketlab models`).")] = "mnist1d_mlp",
+    data: Annotated[str, Opt(help="Data set name (see `ticketlab datasets`).")] = "mnist1d",
+    criteria: Annotated[
+        str, Opt(help="Comma-separated mask criteria.")
+    ] = "large_final,magnitude_increase,random,small_final",
+    resets: Annotated[
+        str, Opt(help="Comma-separated resets.")
+    ] = "rewind,reinit,signed_constant,reinit_signed,reshuffle,reshuffle_signed",
+    sparsities: Annotated[
+        str, Opt(help="Comma-separated fractions pruned per hidden layer (output layer: half).")
+    ] = "0.5,0.8,0.9",
+    replicates: Annotated[int, Opt(help="Independent repetitions (seeds) of the grid.")] = 2,
+    steps: Annotated[int, Opt(help="Training iterations of every network.")] = 400,
+    seed: Annotated[int, Opt(help="Base seed of inits, data orders and masks.")] = 0,
+    eval_every: Annotated[int | None, Opt(help="Evaluate every N steps (def. steps/10).")] = None,
+    lr: Annotated[float | None, Opt(help="Learning rate (default: the model's preset).")] = None,
+    supermask: Annotated[
+        bool, Opt("--supermask/--no-supermask", help="Add learned-supermask and edge-popup rows.")
+    ] = True,
+    supermask_steps: Annotated[
+        int | None, Opt(help="Score-training steps of the supermask rows (default --steps).")
+    ] = None,
+    stack_size: Annotated[int | None, Opt(help="Networks trained side by side (0 = auto).")] = None,
+    out: Annotated[str, Opt(help="Folder for grid.json and grid.md.")] = "runs/grid",
+) -> None:
+    """Zhou et al.'s grid: mask criterion x reset x sparsity (one-shot), plus supermasks."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .grid import parse_names, parse_sparsities, run_grid, tables, total_steps, validate
+
+    settings: dict[str, Any] = {
+        "criteria": parse_names(criteria, "criteria"),
+        "resets": parse_names(resets, "resets"),
+        "sparsities": parse_sparsities(sparsities),
+        "replicates": replicates,
+        "steps": steps,
+        "supermask": supermask,
+        "supermask_steps": supermask_steps,
+    }
+    where = {"model": model, "data": data, "seed": seed, "stack_size": stack_size, "out": out}
+    where.update(eval_every=eval_every, lr=lr)
+    validate(**where, **settings)
+    bar = Progress(
+        TextColumn("grid"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
+    with bar:
+        task = bar.add_task("grid", total=total_steps(**settings))
+        grid = run_grid(progress=lambda n: bar.advance(task, n), **where, **settings)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: the table's full width, not 80 columns
+        console = Console(width=160)
+    for table in tables(grid):
+        console.print(table)
+    console.print(f"Saved {Path(out) / 'grid.json'} and {Path(out) / 'grid.md'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: exit 0 on success, 2 with one line on stderr for any user error."""
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         app(args=argv, standalone_mode=False, prog_name="ticketlab")
     except TicketlabError as exc:
-        err.print(f"error: {exc}", markup=False)
+        err.print(f"error: {one_line(str(exc))}", markup=False)
         return 2
     except TyperException as exc:  # usage errors: unknown option, bad value, missing argument
-        err.print(f"error: {exc.format_message()}", markup=False)
+        err.print(f"error: {one_line(exc.format_message())}", markup=False)
         return 2
     except typer.Exit as exc:
         return exc.exit_code

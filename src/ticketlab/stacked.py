@@ -8,8 +8,9 @@ grouped, never what is computed.
 Three implementations, picked by ``stack_networks``:
 
 * ``SequentialStack`` — an ``nn.Sequential`` of Linear/Conv2d/pooling/activation layers: Linear as
-  ``baddbmm`` with weights stored ``[K, in, out]`` (so gradients arrive contiguous and are not copied),
-  Conv2d as one grouped convolution with ``groups=K``.
+  ``baddbmm`` with weights stored ``[K, in, out]`` (gradients arrive contiguous, are not copied),
+  Conv2d as K ordinary convolutions over the stack's blocks of rows (``conv_mode = "loop"``, the
+  faster on CPU) or as one grouped convolution with ``groups=K`` (``"grouped"``).
 * ``VmapStack`` — any functional ``nn.Module``: ``torch.func.vmap`` over ``functional_call``.
 * ``SingleNetwork`` — anything else (BatchNorm in train mode, dropout): one network, no stacking.
 
@@ -52,6 +53,12 @@ def _stack(states: Sequence[Mapping[str, torch.Tensor]], name: str, dtype: torch
 
 class SequentialStack:
     """Hand-batched ``nn.Sequential``: the fast path for the paper's MLPs and conv nets."""
+
+    uses_rng = False
+
+    #: How K stacked Conv2d layers run: "grouped" (one convolution with ``groups=K``) or "loop"
+    #: (K ordinary convolutions). Same arithmetic per network; benchmarks/throughput.py times both.
+    conv_mode = "loop"
 
     def __init__(self, template: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], dtype):
         if not isinstance(template, nn.Sequential):
@@ -97,34 +104,62 @@ class SequentialStack:
         return working
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: [K, B, *input_shape] -> logits [K, B, classes]."""
+        """``x``: [K, B, *input_shape] -> logits [K, B, classes].
+
+        Between layers ``h`` is ``[K, B, features]`` for Linear layers, and for convolutions either
+        ``[B, K*C, H, W]`` (grouped: the channels of net k are group k) or ``[K*B, C, H, W]`` (loop:
+        the rows of net k are block k); pooling and activations act per channel, so they run on
+        either layout unchanged.
+        """
         k, batch = x.shape[:2]
-        h, image = x, False
+        h, layout, fresh = x, "flat", False
+        grouped = self.conv_mode == "grouped"
         for i, layer in enumerate(self.layers):
             if isinstance(layer, nn.Conv2d):
-                if not image:  # [K, B, C, H, W] -> [B, K*C, H, W]: channels of net k are group k
-                    h = h.transpose(0, 1).reshape(batch, k * h.shape[2], *h.shape[3:])
-                    image = True
                 w = self.params[f"{i}.weight"]
                 b = self.params.get(f"{i}.bias")
-                h = F.conv2d(
-                    h,
-                    w.reshape(k * w.shape[1], *w.shape[2:]),
-                    None if b is None else b.reshape(-1),
-                    layer.stride,
-                    layer.padding,
-                    layer.dilation,
-                    groups=k,
-                )
+                if grouped:
+                    if layout == "flat":
+                        h = h.transpose(0, 1).reshape(batch, k * h.shape[2], *h.shape[3:])
+                        layout = "grouped"
+                    h = F.conv2d(
+                        h,
+                        w.reshape(k * w.shape[1], *w.shape[2:]),
+                        None if b is None else b.reshape(-1),
+                        layer.stride,
+                        layer.padding,
+                        layer.dilation,
+                        groups=k,
+                    )
+                else:
+                    if layout == "flat":
+                        h = h.reshape(k * batch, *h.shape[2:])
+                        layout = "loop"
+                    ws, bs = w.unbind(0), (None,) * k if b is None else b.unbind(0)
+                    h = torch.cat(
+                        [
+                            F.conv2d(hk, ws[j], bs[j], layer.stride, layer.padding, layer.dilation)
+                            for j, hk in enumerate(h.split(batch))
+                        ]
+                    )
+                fresh = True
             elif isinstance(layer, nn.Linear):
                 w = self.params[f"{i}.weight"]
                 b = self.params.get(f"{i}.bias")
                 h = torch.bmm(h, w) if b is None else torch.baddbmm(b, h, w)
+                fresh = True
             elif isinstance(layer, nn.Flatten):
-                h = h.reshape(batch, k, -1).transpose(0, 1) if image else h.reshape(k, batch, -1)
-                image = False
+                if layout == "grouped":
+                    h = h.reshape(batch, k, -1).transpose(0, 1)
+                else:
+                    h = h.reshape(k, batch, -1)
+                layout, fresh = "flat", False
+            elif isinstance(layer, nn.ReLU) and fresh:
+                # the output of a Linear/Conv is ours and neither backward needs it: no new tensor
+                h = torch.relu_(h)
             else:
                 h = layer(h)
+                fresh = False
         return h
 
     def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,6 +174,8 @@ class SequentialStack:
 
 class VmapStack:
     """Generic path for any functional module: ``vmap`` over ``functional_call``."""
+
+    uses_rng = False  # vmap refuses random operations
 
     def __init__(self, template: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], dtype):
         self.template = copy.deepcopy(template).to(dtype)
@@ -182,6 +219,7 @@ class SingleNetwork:
             raise NotStackable("SingleNetwork holds exactly one network")
         self.module = copy.deepcopy(template).to(dtype)
         self.module.load_state_dict({k: v.to(dtype) for k, v in states[0].items()}, strict=False)
+        self.uses_rng = has_randomness(self.module)
         self.size = 1
         self.params: State = {
             n: p.detach().unsqueeze(0).clone().requires_grad_()
@@ -240,9 +278,12 @@ def stack_networks(
 
 
 def _has_state_or_randomness(module: nn.Module) -> bool:
-    return any(True for _ in module.buffers()) or any(
-        isinstance(m, nn.modules.dropout._DropoutNd) for m in module.modules()
-    )
+    return any(True for _ in module.buffers()) or has_randomness(module)
+
+
+def has_randomness(module: nn.Module) -> bool:
+    """Whether training draws from torch's global random generator (dropout)."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in module.modules())
 
 
 def max_stack_size(template: nn.Module) -> int:

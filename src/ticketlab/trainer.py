@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,6 +29,7 @@ from .stacked import (
     State,
     canonical_state,
     canonical_states,
+    has_randomness,
     max_stack_size,
     stack_networks,
 )
@@ -148,19 +151,121 @@ def train(
     checkpointers: Sequence[Checkpointer | None] | None = None,
 ) -> list[Result]:
     """Train every job; ``stack_size`` networks at a time (default: as many as the architecture
-    allows, up to 16). ``stack_size=1`` is the one-by-one path."""
-    size = min(stack_size or max_stack_size(template), max_stack_size(template))
-    chunks = [list(jobs[i : i + size]) for i in range(0, len(jobs), size)]
-    results: list[Result] = []
-    for c, chunk in enumerate(chunks):
+    allows, up to 16, spread over the CPU cores). ``stack_size=1`` is the one-by-one path.
+
+    The jobs are cut into ``chunk_count`` stacks of near-equal size (``checkpointers[c]`` belongs
+    to stack ``c``). With several stacks and several CPU threads, the stacks train side by side,
+    one thread each (see ``LANES``): on a small CPU that beats one stack whose every operation is
+    split over the threads, and it does not collapse when another process takes a core.
+    """
+    data = data.to(getattr(torch, spec.dtype))
+    chunks = [list(jobs[a:b]) for a, b in _chunk_bounds(template, len(jobs), stack_size)]
+
+    def run_chunk(c: int, chunk_progress: Progress | None) -> list[Result]:
         checkpointer = checkpointers[c] if checkpointers else None
-        results += train_stack(template, chunk, data, spec, progress, checkpointer)
+        return train_stack(template, chunks[c], data, spec, chunk_progress, checkpointer)
+
+    lanes = _lane_count(template, len(chunks))
+    if lanes > 1:
+        return _train_in_lanes(run_chunk, len(chunks), lanes, progress)
+    results: list[Result] = []
+    for c in range(len(chunks)):
+        results += run_chunk(c, progress)
     return results
 
 
+#: How many stacks may train at once, one thread each. ``None``: as many as torch's intra-op
+#: threads (``torch.get_num_threads()``); 1 trains stacks one after another, each using all threads.
+LANES: int | None = None
+
+
 def chunk_count(template: nn.Module, n_jobs: int, stack_size: int | None) -> int:
-    size = min(stack_size or max_stack_size(template), max_stack_size(template))
-    return math.ceil(n_jobs / size)
+    """How many stacks ``train`` cuts ``n_jobs`` jobs into (one checkpointer each)."""
+    return len(_chunk_bounds(template, n_jobs, stack_size))
+
+
+def _lanes_available() -> int:
+    return max(1, LANES if LANES is not None else torch.get_num_threads())
+
+
+def _lane_count(template: nn.Module, n_chunks: int) -> int:
+    # Modules with state or randomness (BatchNorm, dropout) use torch's global RNG and train one
+    # network at a time: never concurrently.
+    if max_stack_size(template) == 1:
+        return 1
+    return min(n_chunks, _lanes_available())
+
+
+def _chunk_bounds(
+    template: nn.Module, n_jobs: int, stack_size: int | None
+) -> list[tuple[int, int]]:
+    """``[start, end)`` of each stack: ``ceil(n / size)`` stacks of near-equal size; with the
+    automatic size, at least as many stacks as lanes (so every core gets one) and a multiple of it.
+    """
+    cap = max_stack_size(template)
+    size = min(stack_size or cap, cap)
+    count = math.ceil(n_jobs / size)
+    if stack_size is None and cap > 1 and n_jobs:
+        lanes = _lanes_available()
+        count = min(n_jobs, math.ceil(count / lanes) * lanes)
+    base, extra = divmod(n_jobs, max(count, 1))
+    bounds, start = [], 0
+    for c in range(count):
+        end = start + base + (c < extra)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+class _Cancelled(Exception):
+    """Raised inside a lane when another lane failed or the caller was interrupted."""
+
+
+def _train_in_lanes(
+    run_chunk: Callable[[int, Progress | None], list[Result]],
+    n_chunks: int,
+    lanes: int,
+    progress: Progress | None,
+) -> list[Result]:
+    """Run the stacks on ``lanes`` threads with one intra-op thread each; results in stack order.
+
+    Every stack is computed by one thread, so a stack's numbers do not depend on what else runs.
+    A failure (or Ctrl-C) in one place stops the others at their next step.
+    """
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def lane_progress(n: int) -> None:
+        if stop.is_set():
+            raise _Cancelled
+        if progress is not None:
+            with lock:
+                progress(n)
+
+    def work(c: int) -> list[Result]:
+        torch.set_num_threads(1)  # this thread's OpenMP/MKL pool; restored below for the caller
+        if stop.is_set():
+            raise _Cancelled
+        return run_chunk(c, lane_progress)
+
+    threads_before = torch.get_num_threads()
+    pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="ticketlab-lane")
+    try:
+        futures = [pool.submit(work, c) for c in range(n_chunks)]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in futures if f.done() and f.exception() is not None]
+        if failed:
+            stop.set()
+            wait(futures)
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            raise next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
+        return [r for f in futures for r in f.result()]
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads_before)
 
 
 def train_stack(
@@ -182,9 +287,12 @@ def train_stack(
     run.curve = {key: [[] for _ in range(k)] for key in _CURVE_KEYS}
 
     # Anything random inside the network (dropout) draws from the global generator: seed it from the
-    # job so a run is reproducible, and checkpoint its state so a resume is too.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_rng_seed(jobs))
+    # job so a run is reproducible, and checkpoint its state so a resume is too. (Such networks
+    # never train in parallel lanes, see _lane_count.)
+    random = has_randomness(template)
+    with torch.random.fork_rng(devices=[], enabled=random):
+        if random:
+            torch.manual_seed(_rng_seed(jobs))
         saved = checkpointer.load() if checkpointer else None
         if saved is not None:
             _restore(stack, optimizer, run, saved)
@@ -216,6 +324,7 @@ def _train_loop(
     resumed_at = saved_step(saved)
     groups = optimizer.param_groups
     forward = stack.forward
+    optimizer_step = _OptimizerStep(optimizer)
     lr_now = None
     for step in range(run.step, spec.steps + 1):
         run.step = step
@@ -236,12 +345,14 @@ def _train_loop(
                 group["lr"] = lr
             lr_now = lr
         logits = forward(x)
-        per_net_loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), y, reduction="none"
-        ).view(k, -1).mean(dim=1)
+        per_net_loss = (
+            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, reduction="none")
+            .view(k, -1)
+            .mean(dim=1)
+        )
         optimizer.zero_grad(set_to_none=True)
         per_net_loss.sum().backward()
-        optimizer.step()
+        optimizer_step()
         _apply_masks(stack, masks)
         run.pending.append((step, per_net_loss.detach()))
         if progress:
@@ -284,6 +395,72 @@ class _Batches:
         return x.view(len(self.seeds), -1, *self.shape), y
 
 
+class _OptimizerStep:
+    """``optimizer.step()``, minus torch.optim's per-call Python bookkeeping for fused Adam.
+
+    The first call goes through ``optimizer.step()`` (which creates the state); after that, the
+    two kernels it would run (``_foreach_add_`` on the step counts, ``_fused_adam_``) are called
+    directly on the optimizer's own state tensors, so results and ``state_dict`` are identical.
+    That bookkeeping costs ~0.1-0.4 ms a step, which for small networks is several percent.
+    Anything else (SGD, AMSGrad, a missing gradient) always takes ``optimizer.step()``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.direct: Callable[[], bool] | None = None
+
+    def __call__(self) -> None:
+        if self.direct is not None and self.direct():
+            return
+        self.optimizer.step()
+        if self.direct is None:
+            self.direct = self._direct_adam() or (lambda: False)
+
+    def _direct_adam(self) -> Callable[[], bool] | None:
+        opt = self.optimizer
+        kernel = getattr(torch, "_fused_adam_", None)
+        if not isinstance(opt, torch.optim.Adam) or kernel is None or len(opt.param_groups) != 1:
+            return None
+        group = opt.param_groups[0]
+        plain = group["fused"] and not group["amsgrad"] and not group["maximize"]
+        plain = plain and not group.get("decoupled_weight_decay", False)
+        plain = plain and not group["capturable"] and not group["differentiable"]
+        params = list(group["params"])
+        states = [opt.state.get(p, {}) for p in params]
+        if not plain or not all({"step", "exp_avg", "exp_avg_sq"} <= s.keys() for s in states):
+            return None
+        steps = [s["step"] for s in states]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        beta1, beta2 = (float(b) for b in group["betas"])
+
+        def direct() -> bool:
+            grads = [p.grad for p in params]
+            if any(g is None for g in grads):
+                return False
+            torch._foreach_add_(steps, 1)
+            kernel(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                [],
+                steps,
+                amsgrad=False,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=False,
+                grad_scale=None,
+                found_inf=None,
+            )
+            return True
+
+        return direct
+
+
 def _rng_seed(jobs: Sequence[Job]) -> int:
     return (jobs[0].data_seed * 1_000_003 + 0x5EED) % (2**63 - 1)
 
@@ -295,7 +472,9 @@ def saved_step(saved: dict[str, Any] | None) -> int | None:
     return None if saved is None else int(saved["step"])
 
 
-def _working_masks(stack: Stack, jobs: Sequence[Job], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _working_masks(
+    stack: Stack, jobs: Sequence[Job], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """Masks in the parameters' working layout, as multipliers; all-true tensors are left out
     (multiplying by one changes nothing, so a dense network pays nothing for its mask)."""
     masks = {}
@@ -361,7 +540,9 @@ def _evaluate(stack: Stack, data: Dataset, run: _Run) -> None:
     _flush_losses(run)
     val_loss, val_acc = _loss_and_accuracy(stack, data.x_val, data.y_val)
     test_loss, test_acc = _loss_and_accuracy(stack, data.x_test, data.y_test)
-    train_loss = run.loss_sum / run.loss_count if run.loss_count else torch.full_like(val_loss, math.nan)
+    train_loss = (
+        run.loss_sum / run.loss_count if run.loss_count else torch.full_like(val_loss, math.nan)
+    )
     for i in range(stack.size):
         row = {
             "iteration": float(run.step),
@@ -413,11 +594,13 @@ def _checkpoint(stack: Stack, optimizer: torch.optim.Optimizer, run: _Run) -> di
         "buffers": {n: b.clone() for n, b in stack.stacked_buffers().items()},
         "optimizer": copy.deepcopy(optimizer.state_dict()),
         "curve": copy.deepcopy(run.curve),
-        "snapshots": {str(i): {n: t.clone() for n, t in s.items()} for i, s in run.snapshots.items()},
+        "snapshots": {
+            str(i): {n: t.clone() for n, t in s.items()} for i, s in run.snapshots.items()
+        },
         "diverged_at": [-1 if d is None else d for d in run.diverged_at],
         "loss_sum": run.loss_sum.clone(),
         "loss_count": run.loss_count,
-        "rng": torch.get_rng_state(),
+        **({"rng": torch.get_rng_state()} if stack.uses_rng else {}),
     }
 
 

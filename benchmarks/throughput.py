@@ -1,0 +1,278 @@
+"""Training throughput on this machine: the usual PyTorch loop vs ticketlab, one by one and stacked.
+
+    .venv/bin/python benchmarks/throughput.py [--quick]
+
+LeNet-300-100 at batch 60 on random tensors of MNIST shape (60,000 samples), with a 50%-sparse
+random mask on every weight matrix (so every variant pays for its mask):
+
+  (a) the usual loop: ``DataLoader(TensorDataset, shuffle, batch 60, num_workers=0)``, one
+      ``nn.Module`` masked in the forward pass by ``torch.nn.utils.prune.custom_from_mask``,
+      ``torch.optim.Adam`` with its defaults (not fused);
+  (b) ticketlab one network at a time: ``train(..., stack_size=1)``;
+  (c) ticketlab stacked: K=16, and the automatic K (``max_stack_size``).
+
+Throughput is model-samples per second (K networks each seeing a batch of 60 count 60*K), timed over
+training steps only: ticketlab runs are timed between the first and the last step's progress
+callback, so building the stack and evaluating are excluded. Each figure is the best of a few
+short windows, which is what the machine can do (other processes only ever slow it down; the load
+average is printed). FLOPs are dense-equivalent, 6 * weights * samples for a training step, and are
+compared with the machine's fp32 matmul peak, measured here with a 2048^3 sgemm.
+
+Then Conv-2 on 3x32x32 inputs at batch 60: steps/s for one network and for K stacked, with the
+stacked convolutions done both ways (one grouped convolution, or a loop of per-network convolutions)
+and the FLOP bound that the machine's peak puts on steps/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import prune
+from torch.utils.data import DataLoader, TensorDataset
+
+from ticketlab import stacked
+from ticketlab.data import Dataset
+from ticketlab.mask import Mask, prunable_names
+from ticketlab.models import build_model
+from ticketlab.trainer import Job, TrainSpec, _chunk_bounds, _lane_count, train
+
+BATCH = 60
+N_TRAIN = 60_000
+SPARSITY = 0.5
+
+
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
+
+
+def random_data(shape: tuple[int, ...], n: int, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    # tiny validation/test sets: ticketlab evaluates at step 0 and at the end, outside the timing
+    return Dataset("random", x, y, x[:BATCH], y[:BATCH], x[:BATCH], y[:BATCH])
+
+
+def dense_weights(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def matmul_peak(seconds: float = 3.0) -> float:
+    """fp32 GFLOP/s of a large square sgemm: the ceiling for everything below."""
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    c = torch.empty(n, n)
+    for _ in range(3):
+        torch.mm(a, b, out=c)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        for _ in range(5):
+            torch.mm(a, b, out=c)
+        best = max(best, 5 * 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def best_rate(run_window: Callable[[], float], windows: int) -> float:
+    """Best of ``windows`` calls of ``run_window`` (each returns a rate)."""
+    return max(run_window() for _ in range(windows))
+
+
+# --------------------------------------------------------------------------------------------
+# (a) the usual loop
+
+
+def usual_loop_rate(data: Dataset, steps: int, windows: int) -> float:
+    model = build_model("lenet_300_100", data.input_shape, 10, seed=0)
+    g = torch.Generator().manual_seed(1)
+    for name in prunable_names(model):
+        module_name, _, param = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        keep = torch.rand(getattr(module, param).shape, generator=g) >= SPARSITY
+        prune.custom_from_mask(module, param, keep)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1.2e-3)
+    loader = DataLoader(
+        TensorDataset(data.x_train, data.y_train), batch_size=BATCH, shuffle=True, num_workers=0
+    )
+    batches = iter(loader)
+
+    def next_batch():
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            return next(batches)
+
+    def window() -> float:
+        t = time.perf_counter()
+        for _ in range(steps):
+            x, y = next_batch()
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        return steps * BATCH / (time.perf_counter() - t)
+
+    window()  # warm-up
+    return best_rate(window, windows)
+
+
+# --------------------------------------------------------------------------------------------
+# (b), (c) ticketlab
+
+
+def ticketlab_jobs(model_name: str, data: Dataset, k: int) -> tuple[torch.nn.Module, list[Job]]:
+    template = build_model(model_name, data.input_shape, 10, seed=0)
+    jobs = []
+    for i in range(k):
+        net = build_model(model_name, data.input_shape, 10, seed=i)
+        g = torch.Generator().manual_seed(1000 + i)
+        params = dict(net.named_parameters())
+        keep = {
+            n: torch.rand(params[n].shape, generator=g) >= SPARSITY for n in prunable_names(net)
+        }
+        jobs.append(Job(init=net.state_dict(), mask=Mask(keep), data_seed=i))
+    return template, jobs
+
+
+def ticketlab_run(
+    template: torch.nn.Module,
+    jobs: list[Job],
+    data: Dataset,
+    steps: int,
+    stack_size: int | None,
+) -> float:
+    """Network-steps per second of ``train``, between the first and the last progress callback
+    (several stacks may report from several threads; each call reports its stack's K)."""
+    marks: list[tuple[float, int]] = []
+    spec = TrainSpec(steps=steps, batch_size=BATCH, lr=1.2e-3, eval_every=10 * steps)
+    train(
+        template,
+        jobs,
+        data,
+        spec,
+        stack_size=stack_size,
+        progress=lambda n: marks.append((time.perf_counter(), n)),
+    )
+    done = sum(n for _, n in marks[1:])
+    return done / (marks[-1][0] - marks[0][0])
+
+
+def ticketlab_rate(
+    model_name: str, data: Dataset, n_jobs: int, stack_size: int | None, steps: int, windows: int
+) -> float:
+    """Model-samples/s training ``n_jobs`` networks ``stack_size`` at a time."""
+    template, jobs = ticketlab_jobs(model_name, data, n_jobs)
+    ticketlab_run(template, jobs, data, 3, stack_size)  # warm-up
+    return best_rate(
+        lambda: BATCH * ticketlab_run(template, jobs, data, steps, stack_size), windows
+    )
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def conv2_flops_per_sample(shape: tuple[int, ...]) -> float:
+    """Dense training FLOPs of one Conv-2 sample: 6 * MACs of every layer (weights x positions)."""
+    channels, h, w = shape
+    macs = 3 * 3 * channels * 64 * h * w + 3 * 3 * 64 * 64 * h * w  # two 3x3 convs, same padding
+    macs += 64 * (h // 2) * (w // 2) * 256 + 256 * 256 + 256 * 10
+    return 6.0 * macs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter windows (a smoke test)")
+    args = parser.parse_args()
+    windows, s = (2, 4) if args.quick else (3, 1)
+    started = time.perf_counter()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {load()}")
+    peak = matmul_peak(1.0 if args.quick else 3.0)
+    print(f"fp32 matmul peak (2048^3 sgemm, best of repeats): {peak:.1f} GFLOP/s\n")
+
+    data = random_data((1, 28, 28), N_TRAIN)
+    lenet = build_model("lenet_300_100", (1, 28, 28), 10, seed=0)
+    flops_per_sample = 6.0 * dense_weights(lenet)
+    n = 16
+    layout = chunk_layout(lenet, n, None)
+    rows = [
+        ("a", "(a) usual loop: DataLoader + prune.custom_from_mask + Adam", None, None),
+        ("b1", "(b) ticketlab, 1 network (stack_size=1)", 1, 1),
+        ("b", f"(b) ticketlab one by one, {n} networks (stack_size=1)", n, 1),
+        ("c16", f"(c) ticketlab stacked, K=16 ({chunk_layout(lenet, n, 16)})", n, 16),
+        ("c", f"(c) ticketlab stacked, auto K ({layout})", n, None),
+    ]
+    rates: dict[str, float] = {}
+    print(f"LeNet-300-100 ({dense_weights(lenet):,} weights), batch {BATCH}, {SPARSITY:.0%} masks")
+    for key, label, n_jobs, size in rows:
+        if n_jobs is None:
+            rate = usual_loop_rate(data, 400 // s, windows)
+        else:
+            steps = max(6, 400 // (s * min(n_jobs, size or 8)))
+            rate = ticketlab_rate("lenet_300_100", data, n_jobs, size, steps, windows)
+        rates[key] = rate
+        gflops = rate * flops_per_sample / 1e9
+        print(
+            f"  {label:62s} {rate:8,.0f} model-samples/s {gflops:6.1f} GFLOP/s "
+            f"({gflops / peak:4.0%} of peak)",
+            flush=True,
+        )
+    print(
+        f"  c/a = {rates['c'] / rates['a']:.2f}  c/b = {rates['c'] / rates['b']:.2f}  "
+        f"c/b(1 network) = {rates['c'] / rates['b1']:.2f}  K=16/a = {rates['c16'] / rates['a']:.2f}"
+        f"   (targets: c/a >= 5, >= 55% of peak)\n"
+    )
+
+    conv_data = random_data((3, 32, 32), 3_000)
+    conv_flops = conv2_flops_per_sample((3, 32, 32)) * BATCH
+    bound = peak * 1e9 / conv_flops
+    verdict = "possible" if bound >= 15 else "above what this CPU's peak allows"
+    print(
+        f"Conv-2 on 3x32x32, batch {BATCH}: {conv_flops / 1e9:.1f} GFLOP per network-step, so at "
+        f"most {bound:.1f} network-steps/s at the matmul peak (target 15 steps/s: {verdict})"
+    )
+    k = 4
+    default_mode = stacked.SequentialStack.conv_mode
+    conv_rows = [
+        ("1 network", 1, 1, default_mode),
+        (f"K={k}, one stack, grouped conv", k, k, "grouped"),
+        (f"K={k}, one stack, loop of convs", k, k, "loop"),
+    ]
+    template = build_model("conv2", (3, 32, 32), 10, seed=0)
+    conv_rows.append((f"K={k}, auto ({chunk_layout(template, k, None)})", k, None, default_mode))
+    for label, n_jobs, size, mode in conv_rows:
+        stacked.SequentialStack.conv_mode = mode
+        template, jobs = ticketlab_jobs("conv2", conv_data, n_jobs)
+        ticketlab_run(template, jobs, conv_data, 2, size)  # warm-up
+        net_steps = max(ticketlab_run(template, jobs, conv_data, 4, size) for _ in range(2))
+        gflops = net_steps * conv_flops / 1e9
+        print(
+            f"  {label:40s} {net_steps:5.2f} network-steps/s "
+            f"({net_steps / n_jobs if size == n_jobs else float('nan'):5.2f} stack-steps/s) "
+            f"{gflops:6.1f} GFLOP/s ({gflops / peak:4.0%} of peak)",
+            flush=True,
+        )
+    stacked.SequentialStack.conv_mode = default_mode
+    print(f"  (stacked convolutions run as: {default_mode!r}, the faster here)")
+    print(f"\n{load()}; total {time.perf_counter() - started:.0f} s")
+
+
+def chunk_layout(template: torch.nn.Module, n_jobs: int, stack_size: int | None) -> str:
+    """How ``train`` runs ``n_jobs`` networks: stacks of which sizes, how many at once."""
+    bounds = _chunk_bounds(template, n_jobs, stack_size)
+    sizes = sorted({b - a for a, b in bounds})
+    lanes = _lane_count(template, len(bounds))
+    each = "/".join(str(x) for x in sizes)
+    threads = torch.get_num_threads()
+    at_once = f"{lanes} at a time, 1 thread each" if lanes > 1 else f"{threads} threads"
+    return f"{len(bounds)} stack{'s' * (len(bounds) > 1)} of {each}, {at_once}"
+
+
+if __name__ == "__main__":
+    main()
