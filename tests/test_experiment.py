@@ -40,6 +40,18 @@ def level_files(run: Path) -> dict[str, object]:
     return contents
 
 
+def setup_of(search) -> Setup:
+    """The Setup a search ran with, rebuilt to inspect the jobs it made."""
+    config = search.config
+    data = load_dataset(config.data, config.val_fraction, config.seed)
+
+    def init_state(seed):
+        return build_model(config.model, data.input_shape, data.num_classes, seed).state_dict()
+
+    template = build_model(config.model, data.input_shape, data.num_classes, 0)
+    return Setup(config, template, init_state, data, search.store)
+
+
 def test_same_seed_gives_bit_identical_runs(tiny_settings, tmp_path):
     a = run_search(resolve(tiny_settings))
     b = run_search(resolve({**tiny_settings, "out": str(tmp_path / "other")}))
@@ -101,13 +113,8 @@ def test_interrupted_then_resumed_run_is_bit_identical(tiny_settings, tmp_path, 
 def test_rewind_restores_the_step_k_weights_on_survivors(tiny_settings):
     config = resolve({**tiny_settings, "rewind_step": 7, "levels": 1})
     search = run_search(config)
-    data = load_dataset(config.data, config.val_fraction, config.seed)
-    template = build_model(config.model, data.input_shape, data.num_classes, 0)
-
-    def init_state(seed):
-        return build_model(config.model, data.input_shape, data.num_classes, seed).state_dict()
-
-    setup = Setup(config, template, init_state, data, search.store)
+    setup = setup_of(search)
+    data, template = setup.data, setup.template
     rewind = load_rewind(search.store, config)
     # independently: the dense nets trained for exactly 7 steps, same seeds, data orders, stack
     dense = [job for _, _, job in branch_jobs(setup, 0, load_masks(search.store, 0, config), None)]
@@ -127,13 +134,7 @@ def test_rewind_restores_the_step_k_weights_on_survivors(tiny_settings):
 def test_controls_use_a_fresh_init_and_a_random_mask_of_equal_sparsity(tiny_settings):
     config = resolve({**tiny_settings, "levels": 1})
     search = run_search(config)
-    data = load_dataset(config.data, config.val_fraction, config.seed)
-    template = build_model(config.model, data.input_shape, data.num_classes, 0)
-
-    def init_state(seed):
-        return build_model(config.model, data.input_shape, data.num_classes, seed).state_dict()
-
-    setup = Setup(config, template, init_state, data, search.store)
+    setup = setup_of(search)
     masks = load_masks(search.store, 1, config)
     rewind = load_rewind(search.store, config)
     jobs = {(b, r): job for b, r, job in branch_jobs(setup, 1, masks, rewind)}

@@ -61,23 +61,27 @@ class Setup:
         return {name: by_kind[kinds[name]] for name in self.prunable}
 
     def spec(self) -> TrainSpec:
-        c = self.config
-        return TrainSpec(
-            steps=c.steps,
-            batch_size=c.batch_size,
-            optimizer=c.optimizer,
-            lr=c.lr,
-            momentum=c.momentum,
-            weight_decay=c.weight_decay,
-            eval_every=c.eval_every,
-            milestones=tuple(c.milestones),
-            gamma=c.gamma,
-            warmup_steps=c.warmup_steps,
-            dtype=c.dtype,
-        )
+        return train_spec(self.config)
 
     def stack_size(self) -> int | None:
         return (self.config.stack_size or None) if self.config.batch else 1
+
+
+def train_spec(c: Config) -> TrainSpec:
+    """The trainer's hyperparameters out of a config."""
+    return TrainSpec(
+        steps=c.steps,
+        batch_size=c.batch_size,
+        optimizer=c.optimizer,
+        lr=c.lr,
+        momentum=c.momentum,
+        weight_decay=c.weight_decay,
+        eval_every=c.eval_every,
+        milestones=tuple(c.milestones),
+        gamma=c.gamma,
+        warmup_steps=c.warmup_steps,
+        dtype=c.dtype,
+    )
 
 
 def level_dir(level: int) -> str:

@@ -27,6 +27,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from .config import Config, resolve
 from .criteria import get_criterion
 from .data import load_dataset
 from .errors import TicketlabError
-from .experiment import derive_seed
+from .experiment import derive_seed, train_spec
 from .mask import Mask, layer_kinds, prunable_names
 from .models import build_model
 from .pruning import prune_layerwise
@@ -142,19 +143,7 @@ def validate(
 
 
 def _train_spec(c: Config, eval_every: int | None) -> TrainSpec:
-    return TrainSpec(
-        steps=c.steps,
-        batch_size=c.batch_size,
-        optimizer=c.optimizer,
-        lr=c.lr,
-        momentum=c.momentum,
-        weight_decay=c.weight_decay,
-        eval_every=eval_every or max(1, c.steps // 10),
-        milestones=tuple(c.milestones),
-        gamma=c.gamma,
-        warmup_steps=c.warmup_steps,
-        dtype=c.dtype,
-    )
+    return replace(train_spec(c), eval_every=eval_every or max(1, c.steps // 10))
 
 
 def run_grid(
