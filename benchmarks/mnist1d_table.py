@@ -34,6 +34,7 @@ import time
 
 import torch
 
+from throughput import matmul_peak  # benchmarks/throughput.py
 from ticketlab.criteria import large_final
 from ticketlab.data import DATASETS, Dataset
 from ticketlab.mask import Mask, prunable_names
@@ -129,6 +130,12 @@ def main() -> None:
         f"{network_trainings} network trainings x {spec.steps} steps = {tflop:.2f} TFLOP "
         f"dense-equivalent ({tflop * 1e3 / (wall - data_seconds):.0f} GFLOP/s); "
         f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
+    )
+    peak = matmul_peak(1.0)
+    print(
+        f"FLOP bound: at this CPU's fp32 matmul peak ({peak:.0f} GFLOP/s, 2048^3 sgemm) the "
+        f"training alone takes >= {tflop * 1e3 / peak:.0f} s; a 30 s run would need "
+        f"{tflop * 1e3 / 30:.0f} GFLOP/s, {tflop * 1e3 / 30 / peak:.1f}x that peak"
     )
 
 

@@ -29,18 +29,18 @@ from ticketlab.stacked import (
 from ticketlab.trainer import Job, Result, TrainSpec, chunk_count, train, train_stack
 
 TOL = 1e-10
-# enough steps to cross an epoch boundary (16 steps), few enough for float64 convolutions
-STEPS = {"lenet_300_100": 40, "conv2": 20}
+# enough steps to cross epoch boundaries (every 8 steps), few enough for float64 convolutions
+STEPS = {"lenet_300_100": 30, "conv2": 12}
 SPARSITIES = (0.0, 0.5, 0.8, 0.95)
 
 
 @pytest.fixture(scope="module")
 def digits() -> Dataset:
-    """A slice of the digits: 256 training images are 16 steps per epoch at batch 16, so short runs
+    """A slice of the digits: 128 training images are 8 steps per epoch at batch 16, so short runs
     cross epoch boundaries (a new data order per network)."""
     d = load_dataset("digits")
     return Dataset(
-        d.name, d.x_train[:256], d.y_train[:256], d.x_val[:96], d.y_val[:96], d.x_test, d.y_test
+        d.name, d.x_train[:128], d.y_train[:128], d.x_val[:96], d.y_val[:96], d.x_test, d.y_test
     )
 
 
@@ -105,8 +105,8 @@ def test_stack_equals_one_by_one(digits, model_name):
     assert len(stacked) == len(alone) == len(jobs)
     for i, (a, b) in enumerate(zip(stacked, alone, strict=True)):
         assert_close(a, b)
-        if SPARSITIES[i] <= 0.5:
-            assert a.curve["val_loss"][-1] < 0.8 * a.curve["val_loss"][0]  # it did learn
+        if SPARSITIES[i] == 0.0:
+            assert a.curve["val_loss"][-1] < 0.9 * a.curve["val_loss"][0]  # it did learn
     # different masks, inits and data orders really give different networks
     first = prunable_names(template)[0]
     assert not torch.equal(stacked[0].final[first], stacked[1].final[first])
@@ -224,7 +224,7 @@ def test_stateful_or_random_modules_train_one_at_a_time(digits, cls):
     for job, r in zip(jobs, results, strict=True):
         assert not r.diverged
         assert r.curve["val_loss"][-1] < r.curve["val_loss"][0]
-        assert r.final_test_acc > 0.3  # chance is 0.1
+        assert r.final_test_acc > 0.2  # chance is 0.1
         for name in job.mask:
             assert bool((r.final[name][~job.mask[name]] == 0).all())
     if cls is BatchNormNet:  # running statistics are part of the result
@@ -281,13 +281,13 @@ class MemoryCheckpointer:
 @pytest.mark.parametrize("model_name", ["lenet_300_100", "conv2"])
 def test_resume_from_checkpoint_is_bit_identical(digits, model_name):
     template, jobs = make_jobs(model_name, digits, n=3, snapshot_step=5)
-    s = spec(steps=40, dtype="float32")  # resumed parts cross epoch boundaries (16, 32)
-    first = MemoryCheckpointer(every=12)
+    s = spec(steps=20, dtype="float32")  # resumed parts cross epoch boundaries (8, 16)
+    first = MemoryCheckpointer(every=6)
     full = train_stack(template, jobs, digits, s, checkpointer=first)
-    assert [state["step"] for state in first.saved] == [12, 24, 36]
+    assert [state["step"] for state in first.saved] == [6, 12, 18]
     pristine = copy.deepcopy(first.saved)
     for saved in [*first.saved, first.saved[1]]:  # resuming twice from one state: it is not aliased
-        resumed = train_stack(template, jobs, digits, s, checkpointer=MemoryCheckpointer(12, saved))
+        resumed = train_stack(template, jobs, digits, s, checkpointer=MemoryCheckpointer(6, saved))
         for a, b in zip(full, resumed, strict=True):
             assert_identical(a, b)
             for name in a.snapshot:
@@ -328,7 +328,7 @@ def test_snapshot_step_is_the_weights_after_k_steps(digits, model_name):
 
 def test_grouped_and_looped_convolutions_agree(digits, monkeypatch):
     template, jobs = make_jobs("conv2", digits, n=2)
-    s = spec(steps=6)
+    s = spec(steps=4)
     monkeypatch.setattr(SequentialStack, "conv_mode", "grouped")
     grouped = train(template, jobs, digits, s, stack_size=2)
     monkeypatch.setattr(SequentialStack, "conv_mode", "loop")

@@ -6,6 +6,12 @@ is the *sum* of the K per-network mean losses, so each network's gradient is exa
 
 The mask is applied to the weights after every optimizer step instead of in the forward pass: pruned
 weights are exactly zero at every step and the forward pass does no extra work.
+
+Speed (see benchmarks/throughput.py): the step loop does no work that is not needed every step
+(batches gathered with one ``index_select`` into reused buffers, all-true masks skipped, losses
+folded into the curve only at evaluations, fused Adam called without torch.optim's per-call
+bookkeeping); and when there are several stacks, ``train`` runs them side by side, one CPU thread
+each, instead of one after another with every operation split over the threads.
 """
 
 from __future__ import annotations
@@ -324,7 +330,6 @@ def _train_loop(
     resumed_at = saved_step(saved)
     groups = optimizer.param_groups
     forward = stack.forward
-    optimizer_step = _OptimizerStep(optimizer)
     lr_now = None
     for step in range(run.step, spec.steps + 1):
         run.step = step
@@ -352,7 +357,7 @@ def _train_loop(
         )
         optimizer.zero_grad(set_to_none=True)
         per_net_loss.sum().backward()
-        optimizer_step()
+        optimizer.step()
         _apply_masks(stack, masks)
         run.pending.append((step, per_net_loss.detach()))
         if progress:
@@ -393,72 +398,6 @@ class _Batches:
         else:
             x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
         return x.view(len(self.seeds), -1, *self.shape), y
-
-
-class _OptimizerStep:
-    """``optimizer.step()``, minus torch.optim's per-call Python bookkeeping for fused Adam.
-
-    The first call goes through ``optimizer.step()`` (which creates the state); after that, the
-    two kernels it would run (``_foreach_add_`` on the step counts, ``_fused_adam_``) are called
-    directly on the optimizer's own state tensors, so results and ``state_dict`` are identical.
-    That bookkeeping costs ~0.1-0.4 ms a step, which for small networks is several percent.
-    Anything else (SGD, AMSGrad, a missing gradient) always takes ``optimizer.step()``.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
-        self.direct: Callable[[], bool] | None = None
-
-    def __call__(self) -> None:
-        if self.direct is not None and self.direct():
-            return
-        self.optimizer.step()
-        if self.direct is None:
-            self.direct = self._direct_adam() or (lambda: False)
-
-    def _direct_adam(self) -> Callable[[], bool] | None:
-        opt = self.optimizer
-        kernel = getattr(torch, "_fused_adam_", None)
-        if not isinstance(opt, torch.optim.Adam) or kernel is None or len(opt.param_groups) != 1:
-            return None
-        group = opt.param_groups[0]
-        plain = group["fused"] and not group["amsgrad"] and not group["maximize"]
-        plain = plain and not group.get("decoupled_weight_decay", False)
-        plain = plain and not group["capturable"] and not group["differentiable"]
-        params = list(group["params"])
-        states = [opt.state.get(p, {}) for p in params]
-        if not plain or not all({"step", "exp_avg", "exp_avg_sq"} <= s.keys() for s in states):
-            return None
-        steps = [s["step"] for s in states]
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        beta1, beta2 = (float(b) for b in group["betas"])
-
-        def direct() -> bool:
-            grads = [p.grad for p in params]
-            if any(g is None for g in grads):
-                return False
-            torch._foreach_add_(steps, 1)
-            kernel(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                [],
-                steps,
-                amsgrad=False,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                maximize=False,
-                grad_scale=None,
-                found_inf=None,
-            )
-            return True
-
-        return direct
 
 
 def _rng_seed(jobs: Sequence[Job]) -> int:
