@@ -43,7 +43,7 @@ from .experiment import derive_seed
 from .mask import Mask, prunable_names
 from .pruning import prune_layerwise
 from .stacked import State, max_stack_size, stack_networks
-from .trainer import TrainSpec, _Batches, _loss_and_accuracy, make_optimizer
+from .trainer import Batches, TrainSpec, loss_and_accuracy, make_optimizer
 
 METHODS = ("learned", "edge_popup")
 WEIGHTS = ("init", "signed_constant", "kaiming_normal", "kaiming_constant")
@@ -342,7 +342,7 @@ def _train_chunk(
     data = data.to(getattr(torch, spec.dtype))
     sm = _Supermasks(template, states, data, spec, method, density, seeds)
     optimizer = make_optimizer(list(sm.scores.values()), spec)
-    batches = _Batches(data, [derive_seed(s, "supermask-data") for s in seeds], spec.batch_size)
+    batches = Batches(data, [derive_seed(s, "supermask-data") for s in seeds], spec.batch_size)
     curve: dict[str, list[list[float]]] = {key: [[] for _ in range(sm.k)] for key in _CURVE_KEYS}
     loss_sum, loss_count = torch.zeros(sm.k, dtype=torch.float64), 0
     eval_at = set(spec.eval_steps())
@@ -377,8 +377,8 @@ _CURVE_KEYS = ("iteration", "train_loss", "val_loss", "val_acc", "test_loss", "t
 
 
 def _record(curve, step: int, sm: _Supermasks, data: Dataset, train_loss) -> None:
-    val_loss, val_acc = _loss_and_accuracy(sm.stack, data.x_val, data.y_val)
-    test_loss, test_acc = _loss_and_accuracy(sm.stack, data.x_test, data.y_test)
+    val_loss, val_acc = loss_and_accuracy(sm.stack, data.x_val, data.y_val)
+    test_loss, test_acc = loss_and_accuracy(sm.stack, data.x_test, data.y_test)
     for i in range(sm.k):
         row = {
             "iteration": float(step),
@@ -396,16 +396,16 @@ def _results(sm: _Supermasks, states, data, curve, weights, samples) -> list[Sup
     with torch.no_grad():
         masks = sm.final_masks()
         sm.use(sm.working_masks(masks))
-        _, test_acc = _loss_and_accuracy(sm.stack, data.x_test, data.y_test)
+        _, test_acc = loss_and_accuracy(sm.stack, data.x_test, data.y_test)
         sampled = expected = None
         if sm.method == "learned":
             draws = []
             for _ in range(max(1, samples)):
                 sm.use(sm.masks())
-                draws.append(_loss_and_accuracy(sm.stack, data.x_test, data.y_test)[1])
+                draws.append(loss_and_accuracy(sm.stack, data.x_test, data.y_test)[1])
             sampled = torch.stack(draws).mean(0)
             sm.use({n: torch.sigmoid(sm.scores[n]) for n in sm.names})
-            expected = _loss_and_accuracy(sm.stack, data.x_test, data.y_test)[1]
+            expected = loss_and_accuracy(sm.stack, data.x_test, data.y_test)[1]
         sm.stack.params = sm.frozen
     results = []
     for i, mask in enumerate(masks):

@@ -320,7 +320,7 @@ def _train_loop(
 ) -> None:
     """The hot loop: everything not needed every step is hoisted out of it."""
     k = stack.size
-    batches = _Batches(data, [j.data_seed for j in jobs], spec.batch_size)
+    batches = Batches(data, [j.data_seed for j in jobs], spec.batch_size)
     eval_at = set(spec.eval_steps())
     snapshot_at: dict[int, list[int]] = {}
     for i, job in enumerate(jobs):
@@ -365,7 +365,7 @@ def _train_loop(
     _flush_losses(run)
 
 
-class _Batches:
+class Batches:
     """Each network's minibatch for a step, gathered with one ``index_select`` into reused buffers.
 
     Network ``i`` sees ``epoch_permutation(seed_i, epoch)`` in order; ``x`` comes back as
@@ -452,7 +452,7 @@ def _flush_losses(run: _Run) -> None:
     run.loss_count += len(steps)
 
 
-def _loss_and_accuracy(stack: Stack, x: torch.Tensor, y: torch.Tensor):
+def loss_and_accuracy(stack: Stack, x: torch.Tensor, y: torch.Tensor):
     stack.set_training(False)  # BatchNorm uses its running statistics, dropout is off
     try:
         with torch.no_grad():
@@ -477,8 +477,8 @@ def _loss_and_accuracy_eval(stack: Stack, x: torch.Tensor, y: torch.Tensor):
 
 def _evaluate(stack: Stack, data: Dataset, run: _Run) -> None:
     _flush_losses(run)
-    val_loss, val_acc = _loss_and_accuracy(stack, data.x_val, data.y_val)
-    test_loss, test_acc = _loss_and_accuracy(stack, data.x_test, data.y_test)
+    val_loss, val_acc = loss_and_accuracy(stack, data.x_val, data.y_val)
+    test_loss, test_acc = loss_and_accuracy(stack, data.x_test, data.y_test)
     train_loss = (
         run.loss_sum / run.loss_count if run.loss_count else torch.full_like(val_loss, math.nan)
     )
