@@ -11,7 +11,7 @@ random mask on every weight matrix (so every variant pays for its mask):
   (b) ticketlab one network at a time: ``train(..., stack_size=1)``, for 1 network (all threads on
       it) and for 16 networks (``train`` runs 2 one-network stacks at once, one thread each);
   (c) ticketlab stacked: 16 networks as one K=16 stack (all threads on it), and with the automatic
-      stack size (2 stacks of 8 side by side, one thread each; see ``trainer.LANES``).
+      stack size (2 stacks of 8 side by side, one thread each; see ``train(..., lanes=)``).
 
 Throughput is model-samples per second (K networks each seeing a batch of 60 count 60*K), timed over
 training steps only: ticketlab runs are timed between the first and the last step's progress
@@ -280,7 +280,7 @@ def chunk_layout(template: torch.nn.Module, n_jobs: int, stack_size: int | None)
     """How ``train`` runs ``n_jobs`` networks: stacks of which sizes, how many at once."""
     bounds = _chunk_bounds(template, n_jobs, stack_size)
     sizes = sorted({b - a for a, b in bounds})
-    lanes = _lane_count(template, len(bounds))
+    lanes = _lane_count(template, len(bounds), None)
     each = "/".join(str(x) for x in sizes)
     threads = torch.get_num_threads()
     at_once = f"{lanes} at a time, 1 thread each" if lanes > 1 else f"{threads} threads"

@@ -337,42 +337,45 @@ def test_grouped_and_looped_convolutions_agree(digits, monkeypatch):
         assert_close(a, b)
 
 
-def test_stacks_cut_evenly_and_train_side_by_side(digits, monkeypatch):
+def test_stacks_cut_evenly_and_train_side_by_side(digits):
     template, jobs = make_jobs("lenet_300_100", digits, n=5)
-    monkeypatch.setattr(trainer, "LANES", 2)
-    assert trainer._chunk_bounds(template, 5, None) == [(0, 3), (3, 5)]
-    assert trainer._chunk_bounds(template, 5, 2) == [(0, 2), (2, 4), (4, 5)]
-    assert trainer._chunk_bounds(template, 40, None) == [(i, i + 10) for i in range(0, 40, 10)]
+    assert trainer._chunk_bounds(template, 5, None, 2) == [(0, 3), (3, 5)]
+    assert trainer._chunk_bounds(template, 5, 2, 2) == [(0, 2), (2, 4), (4, 5)]
+    assert trainer._chunk_bounds(template, 40, None, 2) == [(i, i + 10) for i in range(0, 40, 10)]
     assert chunk_count(template, 5, 1) == 5
     s = spec(steps=20)
     ticks: list[int] = []
-    side_by_side = train(template, jobs, digits, s, stack_size=2, progress=ticks.append)
+    side_by_side = train(template, jobs, digits, s, stack_size=2, progress=ticks.append, lanes=2)
     assert sum(ticks) == 20 * 5
-    monkeypatch.setattr(trainer, "LANES", 1)
-    one_after_another = train(template, jobs, digits, s, stack_size=2)
+    one_after_another = train(template, jobs, digits, s, stack_size=2, lanes=1)
     for a, b in zip(side_by_side, one_after_another, strict=True):
         assert_close(a, b)
 
 
-def test_side_by_side_stacks_checkpoint_and_resume(digits, monkeypatch):
-    monkeypatch.setattr(trainer, "LANES", 2)
+def test_side_by_side_stacks_checkpoint_and_resume(digits):
     template, jobs = make_jobs("lenet_300_100", digits, n=4)
     s = spec(steps=30, dtype="float32")
-    assert chunk_count(template, len(jobs), None) == 2
+    assert chunk_count(template, len(jobs), None, lanes=2) == 2
     first = [MemoryCheckpointer(every=10) for _ in range(2)]
-    full = train(template, jobs, digits, s, checkpointers=first)
+    full = train(template, jobs, digits, s, checkpointers=first, lanes=2)
     resumed = train(
-        template, jobs, digits, s, checkpointers=[MemoryCheckpointer(10, c.saved[1]) for c in first]
+        template,
+        jobs,
+        digits,
+        s,
+        checkpointers=[MemoryCheckpointer(10, c.saved[1]) for c in first],
+        lanes=2,
     )
     for a, b in zip(full, resumed, strict=True):
         assert_identical(a, b)
 
 
-def test_a_failing_stack_stops_the_others(digits, monkeypatch):
-    monkeypatch.setattr(trainer, "LANES", 2)
+def test_a_failing_stack_stops_the_others(digits):
     template, jobs = make_jobs("lenet_300_100", digits, n=2)
     broken = Job({k: v[..., :3] for k, v in jobs[1].init.items()}, jobs[1].mask, 1)
     ticks: list[int] = []
     with pytest.raises(NotStackable):  # the broken job's error, not a cancellation
-        train(template, [jobs[0], broken], digits, spec(steps=20_000), progress=ticks.append)
+        train(
+            template, [jobs[0], broken], digits, spec(steps=20_000), progress=ticks.append, lanes=2
+        )
     assert sum(ticks) < 10_000  # the healthy stack stopped long before its 20,000 steps

@@ -155,55 +155,54 @@ def train(
     stack_size: int | None = None,
     progress: Progress | None = None,
     checkpointers: Sequence[Checkpointer | None] | None = None,
+    lanes: int | None = None,
 ) -> list[Result]:
     """Train every job; ``stack_size`` networks at a time (default: as many as the architecture
     allows, up to 16, spread over the CPU cores). ``stack_size=1`` is the one-by-one path.
 
     The jobs are cut into ``chunk_count`` stacks of near-equal size (``checkpointers[c]`` belongs
     to stack ``c``). With several stacks and several CPU threads, the stacks train side by side,
-    one thread each (see ``LANES``): on a small CPU that beats one stack whose every operation is
-    split over the threads, and it does not collapse when another process takes a core.
+    one thread each: on a small CPU that beats one stack whose every operation is split over the
+    threads, and it does not collapse when another process takes a core. ``lanes``: how many stacks
+    may train at once (default: torch's intra-op thread count; 1 = one after another).
     """
     data = data.to(getattr(torch, spec.dtype))
-    chunks = [list(jobs[a:b]) for a, b in _chunk_bounds(template, len(jobs), stack_size)]
+    chunks = [list(jobs[a:b]) for a, b in _chunk_bounds(template, len(jobs), stack_size, lanes)]
 
     def run_chunk(c: int, chunk_progress: Progress | None) -> list[Result]:
         checkpointer = checkpointers[c] if checkpointers else None
         return train_stack(template, chunks[c], data, spec, chunk_progress, checkpointer)
 
-    lanes = _lane_count(template, len(chunks))
-    if lanes > 1:
-        return _train_in_lanes(run_chunk, len(chunks), lanes, progress)
+    parallel = _lane_count(template, len(chunks), lanes)
+    if parallel > 1:
+        return _train_in_lanes(run_chunk, len(chunks), parallel, progress)
     results: list[Result] = []
     for c in range(len(chunks)):
         results += run_chunk(c, progress)
     return results
 
 
-#: How many stacks may train at once, one thread each. ``None``: as many as torch's intra-op
-#: threads (``torch.get_num_threads()``); 1 trains stacks one after another, each using all threads.
-LANES: int | None = None
-
-
-def chunk_count(template: nn.Module, n_jobs: int, stack_size: int | None) -> int:
+def chunk_count(
+    template: nn.Module, n_jobs: int, stack_size: int | None, lanes: int | None = None
+) -> int:
     """How many stacks ``train`` cuts ``n_jobs`` jobs into (one checkpointer each)."""
-    return len(_chunk_bounds(template, n_jobs, stack_size))
+    return len(_chunk_bounds(template, n_jobs, stack_size, lanes))
 
 
-def _lanes_available() -> int:
-    return max(1, LANES if LANES is not None else torch.get_num_threads())
+def _lanes_available(lanes: int | None) -> int:
+    return max(1, lanes if lanes is not None else torch.get_num_threads())
 
 
-def _lane_count(template: nn.Module, n_chunks: int) -> int:
+def _lane_count(template: nn.Module, n_chunks: int, lanes: int | None) -> int:
     # Modules with state or randomness (BatchNorm, dropout) use torch's global RNG and train one
     # network at a time: never concurrently.
     if max_stack_size(template) == 1:
         return 1
-    return min(n_chunks, _lanes_available())
+    return min(n_chunks, _lanes_available(lanes))
 
 
 def _chunk_bounds(
-    template: nn.Module, n_jobs: int, stack_size: int | None
+    template: nn.Module, n_jobs: int, stack_size: int | None, lanes: int | None = None
 ) -> list[tuple[int, int]]:
     """``[start, end)`` of each stack: ``ceil(n / size)`` stacks of near-equal size; with the
     automatic size, at least as many stacks as lanes (so every core gets one) and a multiple of it.
@@ -212,8 +211,8 @@ def _chunk_bounds(
     size = min(stack_size or cap, cap)
     count = math.ceil(n_jobs / size)
     if stack_size is None and cap > 1 and n_jobs:
-        lanes = _lanes_available()
-        count = min(n_jobs, math.ceil(count / lanes) * lanes)
+        parallel = _lanes_available(lanes)
+        count = min(n_jobs, math.ceil(count / parallel) * parallel)
     base, extra = divmod(n_jobs, max(count, 1))
     bounds, start = [], 0
     for c in range(count):
