@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import statistics
 from collections.abc import Iterable
 from pathlib import Path
 
+from ticketlab.summary import STATS, spread
+
 DEFAULT_BRANCHES = ("ticket", "reinit", "random_prune")
 LAYERS = {"1.weight": 0.8, "3.weight": 0.8, "5.weight": 0.9}
-STATS = ("early_stop_test_acc", "final_test_acc", "early_stop_iter", "untrained_test_acc")
 EVAL_EVERY = 100
 STEPS = 1000
 
@@ -55,18 +55,6 @@ def _network(
         "diverged": diverged,
         "diverged_at": 200 if diverged else None,
         "curve": curve,
-    }
-
-
-def _spread(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
     }
 
 
@@ -128,7 +116,7 @@ def make_fake_run(
         per_branch = {}
         for b in names:
             healthy = [n for n in networks if n["branch"] == b and not n["diverged"]]
-            stats = {k: _spread([n[k] for n in healthy if n[k] is not None]) for k in STATS}
+            stats = {k: spread([n[k] for n in healthy if n[k] is not None]) for k in STATS}
             per_branch[b] = {**stats, "diverged": replicates - len(healthy)}
         rows.append({"level": level, "weights_remaining": remaining(level), "branches": per_branch})
     if summary:

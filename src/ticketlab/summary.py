@@ -11,7 +11,8 @@ from rich.table import Table
 STATS = ("early_stop_test_acc", "final_test_acc", "early_stop_iter", "untrained_test_acc")
 
 
-def _spread(values: list[float]) -> dict[str, float | None]:
+def spread(values: list[float]) -> dict[str, float | None]:
+    """Mean, population std, min, max and count; all None for no values (all diverged)."""
     if not values:
         return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
     return {
@@ -31,7 +32,7 @@ def summarize(level_metrics: list[dict[str, Any]], tolerance_pp: float) -> dict[
         for branch in dict.fromkeys(n["branch"] for n in level["networks"]):
             nets = [n for n in level["networks"] if n["branch"] == branch]
             healthy = [n for n in nets if not n["diverged"]]
-            stats = {key: _spread([n[key] for n in healthy if n[key] is not None]) for key in STATS}
+            stats = {key: spread([n[key] for n in healthy if n[key] is not None]) for key in STATS}
             per_branch[branch] = {**stats, "diverged": len(nets) - len(healthy)}
         rows.append(
             {
