@@ -91,9 +91,8 @@ def level_dir(level: int) -> str:
 def run_imp(setup: Setup, progress: Progress | None = None) -> list[dict]:
     """The IMP loop: train -> score -> prune -> reset -> repeat. Returns every level's metrics."""
     c, store = setup.config, setup.store
-    masks = [Mask.ones_like({n: setup.template.state_dict()[n] for n in setup.prunable})] * (
-        c.replicates
-    )
+    weights = setup.template.state_dict()
+    masks = [Mask.ones_like({n: weights[n] for n in setup.prunable})] * c.replicates
     metrics = []
     for level in range(c.levels + 1):
         if store.exists(f"{level_dir(level)}/metrics.json"):
