@@ -8,7 +8,9 @@ grouped, never what is computed.
 Three implementations, picked by ``stack_networks``:
 
 * ``SequentialStack`` — an ``nn.Sequential`` of Linear/Conv2d/pooling/activation layers: Linear as
-  ``baddbmm`` with weights stored ``[K, in, out]`` (gradients arrive contiguous, are not copied),
+  ``baddbmm`` with weights stored ``[K, in, out]`` (gradients arrive contiguous, are not copied)
+  or, once ``sparsify`` finds its masks sparse enough, as one block-diagonal CSR matrix holding
+  only the survivors (``sparse_linear``),
   Conv2d as K ordinary convolutions over the stack's blocks of rows (``conv_mode = "loop"``, the
   faster on CPU) or as one grouped convolution with ``groups=K`` (``"grouped"``).
 * ``VmapStack`` — any functional ``nn.Module``: ``torch.func.vmap`` over ``functional_call``.
@@ -28,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
+
+from .sparse_linear import SPARSE_BELOW, BlockPattern, sparse_linear
 
 State = dict[str, torch.Tensor]
 
@@ -83,13 +87,36 @@ class SequentialStack:
         self._linear_biases = {
             f"{i}.bias" for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear)
         }
+        self._patterns: dict[str, BlockPattern] = {}
         names = [n for n, _ in template.named_parameters()]
         self.params: State = {
             n: self.to_working(n, _stack(states, n, dtype)).contiguous().requires_grad_()
             for n in names
         }
 
+    def sparsify(self, keep: Mapping[str, torch.Tensor], below: float = SPARSE_BELOW) -> set[str]:
+        """Hold the Linear weights whose masks (``keep[name]``: ``[K, out, in]``) each keep less
+        than ``below`` of their entries as their survivors only; returns those names.
+
+        Every network must be sparse enough, so a network's path depends on its own mask alone
+        (as in an IMP level, where all share one density), and a dense one is never slowed down.
+        Call before the optimizer is built: from here on those parameters are the survivors'
+        values, and the pruned entries no longer exist (no mask needs re-applying to them).
+        """
+        chosen = set()
+        for name, mask in keep.items():
+            densest = float(mask.flatten(1).float().mean(1).max())
+            if name in self._linear_weights and densest < below:
+                with torch.no_grad():
+                    dense = self.to_canonical(name, self.params[name])
+                    self._patterns[name] = pattern = BlockPattern(mask)
+                    self.params[name] = pattern.gather(dense).contiguous().requires_grad_()
+                chosen.add(name)
+        return chosen
+
     def to_working(self, name: str, canonical: torch.Tensor) -> torch.Tensor:
+        if name in self._patterns:
+            return self._patterns[name].gather(canonical)
         if name in self._linear_weights:
             return canonical.transpose(1, 2)
         if name in self._linear_biases:
@@ -97,6 +124,8 @@ class SequentialStack:
         return canonical
 
     def to_canonical(self, name: str, working: torch.Tensor) -> torch.Tensor:
+        if name in self._patterns:
+            return self._patterns[name].scatter(working)
         if name in self._linear_weights:
             return working.transpose(1, 2)
         if name in self._linear_biases:
@@ -106,7 +135,8 @@ class SequentialStack:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: [K, B, *input_shape] -> logits [K, B, classes].
 
-        Between layers ``h`` is ``[K, B, features]`` for Linear layers, and for convolutions either
+        Between layers ``h`` is ``[K, B, features]`` for dense Linear layers, ``[K, features, B]``
+        ("features_first") for sparse ones (see ``sparse_linear``), and for convolutions either
         ``[B, K*C, H, W]`` (grouped: the channels of net k are group k) or ``[K*B, C, H, W]`` (loop:
         the rows of net k are block k); pooling and activations act per channel, so they run on
         either layout unchanged.
@@ -146,7 +176,15 @@ class SequentialStack:
             elif isinstance(layer, nn.Linear):
                 w = self.params[f"{i}.weight"]
                 b = self.params.get(f"{i}.bias")
-                h = torch.bmm(h, w) if b is None else torch.baddbmm(b, h, w)
+                pattern = self._patterns.get(f"{i}.weight")
+                if pattern is not None:
+                    if layout != "features_first":
+                        h, layout = h.transpose(1, 2), "features_first"
+                    h = sparse_linear(h, w, b, pattern)
+                else:
+                    if layout == "features_first":  # a view: bmm reads it transposed, no copy
+                        h, layout = h.transpose(1, 2), "flat"
+                    h = torch.bmm(h, w) if b is None else torch.baddbmm(b, h, w)
                 fresh = True
             elif isinstance(layer, nn.Flatten):
                 if layout == "grouped":
@@ -160,7 +198,7 @@ class SequentialStack:
             else:
                 h = layer(h)
                 fresh = False
-        return h
+        return h.transpose(1, 2) if layout == "features_first" else h
 
     def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x.unsqueeze(0).expand(self.size, *x.shape))
@@ -191,6 +229,10 @@ class VmapStack:
 
         self._per_batch = vmap(call, in_dims=(0, 0, 0))
         self._shared = vmap(call, in_dims=(0, 0, None))
+
+    def sparsify(self, keep: Mapping[str, torch.Tensor], below: float = SPARSE_BELOW) -> set[str]:
+        """No sparse path here: every parameter stays dense (and masked after each step)."""
+        return set()
 
     def to_working(self, name: str, canonical: torch.Tensor) -> torch.Tensor:
         return canonical
@@ -226,6 +268,10 @@ class SingleNetwork:
             for n, p in self.module.named_parameters()
         }
         self.buffers: State = dict(self.module.named_buffers())
+
+    def sparsify(self, keep: Mapping[str, torch.Tensor], below: float = SPARSE_BELOW) -> set[str]:
+        """No sparse path here: every parameter stays dense (and masked after each step)."""
+        return set()
 
     def to_working(self, name: str, canonical: torch.Tensor) -> torch.Tensor:
         return canonical

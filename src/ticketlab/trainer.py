@@ -30,6 +30,7 @@ from torch import nn
 
 from .data import Dataset
 from .mask import Mask
+from .sparse_linear import SPARSE_BELOW
 from .stacked import (
     Stack,
     State,
@@ -156,9 +157,12 @@ def train(
     progress: Progress | None = None,
     checkpointers: Sequence[Checkpointer | None] | None = None,
     lanes: int | None = None,
+    sparse_below: float = SPARSE_BELOW,
 ) -> list[Result]:
     """Train every job; ``stack_size`` networks at a time (default: as many as the architecture
     allows, up to 16, spread over the CPU cores). ``stack_size=1`` is the one-by-one path.
+    Linear weights whose masks keep less than ``sparse_below`` train as sparse matrices of their
+    survivors (0: always dense; see ``sparse_linear``).
 
     The jobs are cut into ``chunk_count`` stacks of near-equal size (``checkpointers[c]`` belongs
     to stack ``c``). With several stacks and several CPU threads, the stacks train side by side,
@@ -171,7 +175,9 @@ def train(
 
     def run_chunk(c: int, chunk_progress: Progress | None) -> list[Result]:
         checkpointer = checkpointers[c] if checkpointers else None
-        return train_stack(template, chunks[c], data, spec, chunk_progress, checkpointer)
+        return train_stack(
+            template, chunks[c], data, spec, chunk_progress, checkpointer, sparse_below
+        )
 
     parallel = _lane_count(template, len(chunks), lanes)
     if parallel > 1:
@@ -280,6 +286,7 @@ def train_stack(
     spec: TrainSpec,
     progress: Progress | None = None,
     checkpointer: Checkpointer | None = None,
+    sparse_below: float = SPARSE_BELOW,
 ) -> list[Result]:
     dtype = getattr(torch, spec.dtype)
     data = data.to(dtype)
@@ -287,6 +294,10 @@ def train_stack(
     k = stack.size
     masks = _working_masks(stack, jobs, dtype)
     _apply_masks(stack, masks)
+    sparse = stack.sparsify(
+        {n: torch.stack([j.mask[n] for j in jobs]) for n in masks}, sparse_below
+    )
+    masks = {n: m for n, m in masks.items() if n not in sparse}
     optimizer = make_optimizer(list(stack.params.values()), spec)
     run = _Run(diverged_at=[None] * k, loss_sum=torch.zeros(k, dtype=torch.float64))
     run.curve = {key: [[] for _ in range(k)] for key in _CURVE_KEYS}
@@ -299,6 +310,8 @@ def train_stack(
         if random:
             torch.manual_seed(_rng_seed(jobs))
         saved = checkpointer.load() if checkpointer else None
+        if saved is not None and not _fits(stack, saved):
+            saved = None  # written for another layout (dense vs sparse): retrain, same bits
         if saved is not None:
             _restore(stack, optimizer, run, saved)
         _train_loop(stack, jobs, data, spec, masks, optimizer, run, progress, checkpointer, saved)
@@ -540,6 +553,13 @@ def _checkpoint(stack: Stack, optimizer: torch.optim.Optimizer, run: _Run) -> di
         "loss_count": run.loss_count,
         **({"rng": torch.get_rng_state()} if stack.uses_rng else {}),
     }
+
+
+def _fits(stack: Stack, saved: dict[str, Any]) -> bool:
+    params = saved.get("params", {})
+    return set(params) == set(stack.params) and all(
+        params[n].shape == p.shape for n, p in stack.params.items()
+    )
 
 
 def _restore(stack: Stack, optimizer: torch.optim.Optimizer, run: _Run, saved: dict) -> None:

@@ -1,0 +1,120 @@
+"""The Linear layers of K masked networks as one block-diagonal sparse (CSR) matrix.
+
+Why: at the late levels of IMP and the sparse end of a sweep, a dense matmul spends almost all of
+its FLOPs multiplying weights that are exactly zero. Storing only the survivors (K networks' blocks
+on the diagonal of one ``[K*out, K*in]`` CSR matrix) makes a training step cost what the surviving
+weights cost: forward ``A @ X^T``, input gradient ``A^T @ G`` (through a precomputed transposed
+pattern), weight gradient sampled at the survivors only (``torch.sparse.sampled_addmm``). The
+optimizer then steps only the survivors too, and pruned weights cannot move: they do not exist.
+
+Each output row of every product is one network's row, summed in the same order whatever K is, so
+a network's numbers do not depend on what it is stacked with. On this CPU (MKL's CSR kernels) the
+sparse step breaks even with the dense one near 25% density; ``SPARSE_BELOW`` keeps a margin.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+# torch says once per process that CSR support is "beta"; the kernels used here (CSR @ dense,
+# sampled_addmm) are tested against the dense path in tests/test_sparse_linear.py.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+#: Weight density (fraction of survivors over the whole stack) under which a Linear layer trains
+#: sparse. benchmarks/throughput.py prints both paths' speeds across densities.
+SPARSE_BELOW = 0.2
+
+
+class BlockPattern:
+    """Where the survivors of K masks of one Linear weight sit, in CSR form and transposed.
+
+    ``keep`` is ``[K, out, in]`` (the ``nn.Linear`` layout). The values are the surviving weights
+    in ``keep``'s row-major order, which is CSR order of ``A`` (row ``k*out + o``, column
+    ``k*in + i``).
+    """
+
+    def __init__(self, keep: torch.Tensor):
+        k, out, inp = keep.shape
+        self.keep = keep.bool()
+        where = self.keep.nonzero()
+        rows = where[:, 0] * out + where[:, 1]
+        cols = where[:, 0] * inp + where[:, 2]
+        self.shape = (k * out, k * inp)
+        self.nnz = int(rows.numel())
+        # int32 indices: what MKL's kernels take (int64 ones would be converted at every call)
+        self.crow = _compressed(rows, k * out)
+        self.col = cols.int()
+        # A^T in CSR: the same values visited column by column of A
+        self.transpose_order = torch.argsort(cols * (k * out) + rows)
+        self.crow_t = _compressed(cols, k * inp)
+        self.col_t = rows[self.transpose_order].int()
+
+    def matrix(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.sparse_csr_tensor(
+            self.crow, self.col, values, self.shape, check_invariants=False
+        )
+
+    def transposed(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.sparse_csr_tensor(
+            self.crow_t,
+            self.col_t,
+            values[self.transpose_order],
+            (self.shape[1], self.shape[0]),
+            check_invariants=False,
+        )
+
+    def gather(self, dense: torch.Tensor) -> torch.Tensor:
+        """``[K, out, in]`` -> the survivors' values."""
+        return dense[self.keep]
+
+    def scatter(self, values: torch.Tensor) -> torch.Tensor:
+        """The survivors' values -> ``[K, out, in]`` with zeros elsewhere."""
+        dense = values.new_zeros(self.keep.shape)
+        dense[self.keep] = values
+        return dense
+
+
+def _compressed(sorted_rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    counts = torch.bincount(sorted_rows, minlength=n_rows)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).int()
+
+
+class BlockSparseMatmul(torch.autograd.Function):
+    """``A(values) @ xt`` for ``xt`` ``[K*in, B]``, with gradients for the values and ``xt``."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, xt: torch.Tensor, pattern: BlockPattern):
+        ctx.save_for_backward(values, xt)
+        ctx.pattern = pattern
+        return pattern.matrix(values) @ xt
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        values, xt = ctx.saved_tensors
+        pattern: BlockPattern = ctx.pattern
+        grad = grad.contiguous()
+        grad_values = grad_xt = None
+        if ctx.needs_input_grad[0]:
+            zeros = pattern.matrix(values.new_zeros(pattern.nnz))
+            grad_values = torch.sparse.sampled_addmm(zeros, grad, xt.t(), beta=0.0).values()
+        if ctx.needs_input_grad[1]:
+            grad_xt = pattern.transposed(values) @ grad
+        return grad_values, grad_xt, None
+
+
+def sparse_linear(
+    ht: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, pattern: BlockPattern
+) -> torch.Tensor:
+    """Features-first activations: ``ht`` ``[K, in, B]`` -> ``[K, out, B]``; ``bias`` is
+    ``[K, 1, out]``, the stack's working layout.
+
+    The CSR products want ``X^T``; activations that stay features-first between sparse layers
+    are never transposed (a ``[K, B, F]`` <-> ``[K, F, B]`` copy costs about as much as the
+    product itself at 1% density), and every elementwise kernel sees operands of one layout
+    (given one transposed operand, ReLU's backward is an order of magnitude slower).
+    """
+    k, inp, batch = ht.shape
+    yt = BlockSparseMatmul.apply(values, ht.reshape(k * inp, batch), pattern).view(k, -1, batch)
+    return yt if bias is None else yt + bias.transpose(1, 2)

@@ -1,0 +1,147 @@
+"""The sparse path computes what the dense masked path computes, for every network of a stack.
+
+Float64 throughout where results are compared across paths, so any indexing mistake (a value in
+the wrong block, a transposed pattern, a gradient landing on the wrong survivor) shows up far above
+the rounding noise.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from test_trainer import (
+    TOL,
+    MemoryCheckpointer,
+    assert_close,
+    assert_identical,
+    digits,  # noqa: F401  (fixture)
+    spec,
+    state_of,
+)
+from ticketlab.mask import Mask, prunable_names
+from ticketlab.models import build_model
+from ticketlab.sparse_linear import BlockPattern, sparse_linear
+from ticketlab.stacked import SequentialStack, stack_networks
+from ticketlab.trainer import Job, train, train_stack
+
+SPARSE_SPARSITIES = (0.9, 0.95, 0.99)
+
+
+def sparse_jobs(data, sparsities=SPARSE_SPARSITIES, model="lenet_300_100"):
+    template = build_model(model, data.input_shape, data.num_classes, seed=0)
+    jobs = []
+    for i, sparsity in enumerate(sparsities):
+        net = build_model(model, data.input_shape, data.num_classes, seed=200 + i)
+        g = torch.Generator().manual_seed(50 + i)
+        params = dict(net.named_parameters())
+        keep = {
+            n: torch.rand(params[n].shape, generator=g) >= sparsity for n in prunable_names(net)
+        }
+        jobs.append(Job(init=state_of(net), mask=Mask(keep), data_seed=11 * i + 1))
+    return template, jobs
+
+
+@pytest.mark.parametrize("densities", [(0.3, 0.05, 0.0), (1.0, 0.5, 0.01)])
+def test_block_sparse_linear_matches_dense_masked_linear(densities):
+    """Values, input gradient and bias gradient, with blocks of different densities, an empty
+    block and a full one."""
+    g = torch.Generator().manual_seed(0)
+    k, batch, inp, out = len(densities), 7, 13, 5
+    keep = torch.stack([torch.rand(out, inp, generator=g) < d for d in densities])
+    dense_w = torch.randn(k, out, inp, generator=g, dtype=torch.float64) * keep
+    pattern = BlockPattern(keep)
+    assert pattern.nnz == int(keep.sum())
+    assert torch.equal(pattern.scatter(pattern.gather(dense_w)), dense_w)
+
+    values = pattern.gather(dense_w).requires_grad_()
+    dense = dense_w.clone().requires_grad_()
+    bias = torch.randn(k, 1, out, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(k, batch, inp, generator=g, dtype=torch.float64, requires_grad=True)
+    sparse_out = sparse_linear(x.transpose(1, 2), values, bias, pattern).transpose(1, 2)
+    dense_out = torch.baddbmm(bias, x, dense.transpose(1, 2))
+    torch.testing.assert_close(sparse_out, dense_out, rtol=0, atol=1e-12)
+
+    upstream = torch.randn(k, batch, out, generator=g, dtype=torch.float64)
+    gv, gx, gb = torch.autograd.grad(sparse_out, (values, x, bias), upstream)
+    gw_dense, gx_dense, gb_dense = torch.autograd.grad(dense_out, (dense, x, bias), upstream)
+    torch.testing.assert_close(gv, gw_dense[keep], rtol=0, atol=1e-12)  # survivors only
+    torch.testing.assert_close(gx, gx_dense, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gb, gb_dense, rtol=0, atol=1e-12)
+
+
+def test_sparse_training_equals_dense_training(digits):  # noqa: F811
+    template, jobs = sparse_jobs(digits)
+    s = spec(steps=30)
+    sparse = train(template, jobs, digits, s, stack_size=3, sparse_below=1.0)
+    dense = train(template, jobs, digits, s, stack_size=3, sparse_below=0.0)
+    for a, b in zip(sparse, dense, strict=True):
+        assert_close(a, b)
+        assert a.curve["val_loss"][-1] != a.curve["val_loss"][0]
+
+
+def test_sparse_stack_equals_one_by_one(digits):  # noqa: F811
+    template, jobs = sparse_jobs(digits)
+    s = spec(steps=30)
+    stacked = train(template, jobs, digits, s, stack_size=3)
+    alone = train(template, jobs, digits, s, stack_size=1)
+    for a, b in zip(stacked, alone, strict=True):
+        assert_close(a, b, tol=TOL)
+
+
+def test_paths_are_chosen_by_every_networks_density(digits):  # noqa: F811
+    template, jobs = sparse_jobs(digits, sparsities=(0.95, 0.5))
+    for members, expected in (([0], {"1.weight", "3.weight", "5.weight"}), ([0, 1], set())):
+        inits = [jobs[i].init for i in members]
+        stack = stack_networks(template, inits, torch.float32, digits.x_train)
+        keep = {n: torch.stack([jobs[i].mask[n] for i in members]) for n in jobs[0].mask.names()}
+        assert isinstance(stack, SequentialStack)
+        assert stack.sparsify(keep, below=0.2) == expected
+    # a sparse layer's parameter is its survivors; the canonical state puts them back in place
+    solo = stack_networks(template, [jobs[0].init], torch.float64, digits.x_train.double())
+    solo.sparsify({n: jobs[0].mask[n].unsqueeze(0) for n in jobs[0].mask.names()})
+    for name in jobs[0].mask.names():
+        assert solo.params[name].shape == (int(jobs[0].mask[name].sum()),)
+        expected = jobs[0].init[name].double() * jobs[0].mask[name]
+        assert torch.equal(solo.to_canonical(name, solo.params[name])[0], expected)
+
+
+def test_pruned_weights_stay_exactly_zero_on_the_sparse_path(digits):  # noqa: F811
+    template, jobs = sparse_jobs(digits)
+    results = train(template, jobs, digits, spec(steps=25, dtype="float32"))
+    for job, result in zip(jobs, results, strict=True):
+        for name in job.mask.names():
+            keep = job.mask[name]
+            assert bool((result.final[name][~keep] == 0).all()), name
+            moved = result.final[name][keep] != job.init[name][keep]
+            assert bool(moved.any()), name
+
+
+def test_sparse_checkpoint_resume_is_bit_identical(digits):  # noqa: F811
+    template, jobs = sparse_jobs(digits)
+    s = spec(steps=20, dtype="float32")
+    first = MemoryCheckpointer(every=6)
+    full = train_stack(template, jobs, digits, s, checkpointer=first)
+    assert [state["step"] for state in first.saved] == [6, 12, 18]
+    for saved in first.saved:
+        again = copy.deepcopy(saved)
+        resumed = train_stack(template, jobs, digits, s, checkpointer=MemoryCheckpointer(6, again))
+        for a, b in zip(full, resumed, strict=True):
+            assert_identical(a, b)
+
+
+def test_checkpoint_of_the_other_layout_is_retrained_not_misread(digits):  # noqa: F811
+    """A dense-layout checkpoint met by a sparse stack (or the reverse) cannot be loaded into it:
+    training restarts from the init and reaches the same bits as a run without checkpoint."""
+    template, jobs = sparse_jobs(digits)
+    s = spec(steps=12, dtype="float32")
+    dense = MemoryCheckpointer(every=6)
+    train_stack(template, jobs, digits, s, checkpointer=dense, sparse_below=0.0)
+    fresh = train_stack(template, jobs, digits, s)
+    resumed = train_stack(
+        template, jobs, digits, s, checkpointer=MemoryCheckpointer(6, dense.saved[0])
+    )
+    for a, b in zip(fresh, resumed, strict=True):
+        assert_identical(a, b)
