@@ -20,6 +20,9 @@ short windows, which is what the machine can do (other processes only ever slow 
 average is printed). FLOPs are dense-equivalent, 6 * weights * samples for a training step, and are
 compared with the machine's fp32 matmul peak, measured here with a 2048^3 sgemm.
 
+Then the sparse path: the same 16 networks at densities from 50% to 1%, trained dense (masked
+weights) and sparse (survivors only, block-diagonal CSR), and the ratio.
+
 Then Conv-2 on 3x32x32 inputs at batch 60: network-steps/s for one network and for K=4 stacked,
 with the stacked convolutions done both ways (one grouped convolution, or a loop of per-network
 convolutions), and the FLOP bound that the machine's peak puts on steps/s.
@@ -44,6 +47,7 @@ from ticketlab import stacked
 from ticketlab.data import Dataset
 from ticketlab.mask import Mask, prunable_names
 from ticketlab.models import build_model
+from ticketlab.sparse_linear import SPARSE_BELOW
 from ticketlab.trainer import Job, TrainSpec, _chunk_bounds, _lane_count, train
 
 BATCH = 60
@@ -132,7 +136,9 @@ def usual_loop_rate(data: Dataset, steps: int, windows: int) -> float:
 # (b), (c) ticketlab
 
 
-def ticketlab_jobs(model_name: str, data: Dataset, k: int) -> tuple[torch.nn.Module, list[Job]]:
+def ticketlab_jobs(
+    model_name: str, data: Dataset, k: int, sparsity: float = SPARSITY
+) -> tuple[torch.nn.Module, list[Job]]:
     template = build_model(model_name, data.input_shape, 10, seed=0)
     jobs = []
     for i in range(k):
@@ -140,7 +146,7 @@ def ticketlab_jobs(model_name: str, data: Dataset, k: int) -> tuple[torch.nn.Mod
         g = torch.Generator().manual_seed(1000 + i)
         params = dict(net.named_parameters())
         keep = {
-            n: torch.rand(params[n].shape, generator=g) >= SPARSITY for n in prunable_names(net)
+            n: torch.rand(params[n].shape, generator=g) >= sparsity for n in prunable_names(net)
         }
         jobs.append(Job(init=net.state_dict(), mask=Mask(keep), data_seed=i))
     return template, jobs
@@ -152,6 +158,7 @@ def ticketlab_run(
     data: Dataset,
     steps: int,
     stack_size: int | None,
+    sparse_below: float = SPARSE_BELOW,
 ) -> float:
     """Network-steps per second of ``train``, between the first and the last progress callback
     (several stacks may report from several threads; each call reports its stack's K)."""
@@ -164,20 +171,51 @@ def ticketlab_run(
         spec,
         stack_size=stack_size,
         progress=lambda n: marks.append((time.perf_counter(), n)),
+        sparse_below=sparse_below,
     )
     done = sum(n for _, n in marks[1:])
     return done / (marks[-1][0] - marks[0][0])
 
 
 def ticketlab_rate(
-    model_name: str, data: Dataset, n_jobs: int, stack_size: int | None, steps: int, windows: int
+    model_name: str,
+    data: Dataset,
+    n_jobs: int,
+    stack_size: int | None,
+    steps: int,
+    windows: int,
+    sparsity: float = SPARSITY,
+    sparse_below: float = SPARSE_BELOW,
 ) -> float:
     """Model-samples/s training ``n_jobs`` networks ``stack_size`` at a time."""
-    template, jobs = ticketlab_jobs(model_name, data, n_jobs)
-    ticketlab_run(template, jobs, data, 3, stack_size)  # warm-up
+    template, jobs = ticketlab_jobs(model_name, data, n_jobs, sparsity)
+    ticketlab_run(template, jobs, data, 3, stack_size, sparse_below)  # warm-up
     return best_rate(
-        lambda: BATCH * ticketlab_run(template, jobs, data, steps, stack_size), windows
+        lambda: BATCH * ticketlab_run(template, jobs, data, steps, stack_size, sparse_below),
+        windows,
     )
+
+
+def sparse_section(data: Dataset, steps: int, windows: int) -> None:
+    """Dense masked vs sparse survivors-only training of 16 LeNet-300-100s across densities: where
+    the sparse path starts to pay (``SPARSE_BELOW``) and what it buys at IMP's late levels."""
+    print(
+        f"Sparse path (LeNet-300-100, 16 networks, auto K; ticketlab trains Linear layers sparse "
+        f"under {SPARSE_BELOW:.0%} density):"
+    )
+    for density in (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01):
+        dense, sparse = (
+            ticketlab_rate(
+                "lenet_300_100", data, 16, None, steps, windows, 1 - density, sparse_below=below
+            )
+            for below in (0.0, 1.01)
+        )
+        print(
+            f"  density {density:4.0%}: dense masked {dense:8,.0f}  sparse {sparse:8,.0f} "
+            f"model-samples/s   sparse/dense {sparse / dense:5.2f}",
+            flush=True,
+        )
+    print()
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,6 +271,7 @@ def main() -> None:
         f"c/b(1 network) = {rates['c'] / rates['b1']:.2f}  K=16/a = {rates['c16'] / rates['a']:.2f}"
         f"   (targets: c/a >= 5, >= 55% of peak)\n"
     )
+    sparse_section(data, max(6, 2000 // (s * 16)), windows)
 
     conv_data = random_data((3, 32, 32), 3_000)
     conv_flops = conv2_flops_per_sample((3, 32, 32)) * BATCH

@@ -356,8 +356,12 @@ def kill_until_done(
         per_level = [sum(k.level == lv for k in campaign.kills) for lv in range(LEVELS)]
         enough = len(campaign.kills) >= MIN_KILLS and min(per_level) >= MIN_KILLS_PER_LEVEL
         weights = [4, 4, 3, 1]  # progress, mid-write, anytime, early
-        if completed_levels(root) == LEVELS - 1:  # last level: slow down so the kills fit in
-            weights[0] = 0
+        if completed_levels(root) == LEVELS - 1:
+            # Last level: an attempt that is not killed in time finishes the run and ends the
+            # campaign, and after a few resumes little of the level is left to train. So kill
+            # within the attempt's start-up (while it verifies the folder and resumes) until the
+            # campaign has enough kills; before that, slower plans would leave it short.
+            weights = [0, 0, 0, 1]
         plans = ("progress", "mid-write", "anytime", "early")
         plan = None if enough else rng.choices(plans, weights)[0]
         log = logs / f"attempt_{campaign.attempts:03d}.log"
