@@ -20,8 +20,9 @@ short windows, which is what the machine can do (other processes only ever slow 
 average is printed). FLOPs are dense-equivalent, 6 * weights * samples for a training step, and are
 compared with the machine's fp32 matmul peak, measured here with a 2048^3 sgemm.
 
-Then the sparse path: the same 16 networks at densities from 50% to 1%, trained dense (masked
-weights) and sparse (survivors only, block-diagonal CSR), and the ratio.
+Then a whole IMP schedule (densities 0.8^L, L = 0..16): (a) and ticketlab's (c) at every level,
+with ticketlab forced dense (masked weights) and as it runs by default (survivors only, as
+block-diagonal CSR matrices, under ``SPARSE_BELOW``), and the ratios of total time.
 
 Then Conv-2 on 3x32x32 inputs at batch 60: network-steps/s for one network and for K=4 stacked,
 with the stacked convolutions done both ways (one grouped convolution, or a loop of per-network
@@ -97,13 +98,13 @@ def best_rate(run_window: Callable[[], float], windows: int) -> float:
 # (a) the usual loop
 
 
-def usual_loop_rate(data: Dataset, steps: int, windows: int) -> float:
+def usual_loop_rate(data: Dataset, steps: int, windows: int, sparsity: float = SPARSITY) -> float:
     model = build_model("lenet_300_100", data.input_shape, 10, seed=0)
     g = torch.Generator().manual_seed(1)
     for name in prunable_names(model):
         module_name, _, param = name.rpartition(".")
         module = model.get_submodule(module_name)
-        keep = torch.rand(getattr(module, param).shape, generator=g) >= SPARSITY
+        keep = torch.rand(getattr(module, param).shape, generator=g) >= sparsity
         prune.custom_from_mask(module, param, keep)
     optimizer = torch.optim.Adam(model.parameters(), lr=1.2e-3)
     loader = DataLoader(
@@ -196,26 +197,43 @@ def ticketlab_rate(
     )
 
 
-def sparse_section(data: Dataset, steps: int, windows: int) -> None:
-    """Dense masked vs sparse survivors-only training of 16 LeNet-300-100s across densities: where
-    the sparse path starts to pay (``SPARSE_BELOW``) and what it buys at IMP's late levels."""
+IMP_LEVELS = 17  # 20% of the remaining weights pruned per level: 100% down to 2.8%
+
+
+def imp_schedule_section(data: Dataset, steps: int, a_steps: int, windows: int) -> None:
+    """The three ways over a whole IMP schedule (every layer at density 0.8^L, L = 0..16, 16
+    networks per level): what a ticket search costs, where ticketlab's sparse path takes over
+    (``SPARSE_BELOW``) and what it buys at the late levels. The usual loop is timed at every
+    level too: its masked weights cost it the same or more (zeros in Adam's state)."""
     print(
-        f"Sparse path (LeNet-300-100, 16 networks, auto K; ticketlab trains Linear layers sparse "
-        f"under {SPARSE_BELOW:.0%} density):"
+        f"IMP schedule, LeNet-300-100, 16 networks per level, 20% pruned per level (ticketlab "
+        f"trains Linear layers sparse under {SPARSE_BELOW:.0%} density); model-samples/s:"
     )
-    for density in (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01):
-        dense, sparse = (
-            ticketlab_rate(
-                "lenet_300_100", data, 16, None, steps, windows, 1 - density, sparse_below=below
-            )
-            for below in (0.0, 1.01)
-        )
+    print(f"  {'level':>5} {'density':>8} {'(a) usual':>10} {'(c) dense':>10} {'(c) auto':>10}")
+    totals = {"a": 0.0, "dense": 0.0, "auto": 0.0}
+    for level in range(IMP_LEVELS):
+        density = 0.8**level
+        rates = {
+            "a": usual_loop_rate(data, a_steps, windows, sparsity=1 - density),
+            **{
+                path: ticketlab_rate(
+                    "lenet_300_100", data, 16, None, steps, windows, 1 - density, below
+                )
+                for path, below in (("dense", 0.0), ("auto", SPARSE_BELOW))
+            },
+        }
+        for path, rate in rates.items():
+            totals[path] += 1 / rate  # seconds per model-sample, summed over levels
         print(
-            f"  density {density:4.0%}: dense masked {dense:8,.0f}  sparse {sparse:8,.0f} "
-            f"model-samples/s   sparse/dense {sparse / dense:5.2f}",
+            f"  {level:5d} {density:8.1%} {rates['a']:10,.0f} {rates['dense']:10,.0f} "
+            f"{rates['auto']:10,.0f}",
             flush=True,
         )
-    print()
+    print(
+        f"  whole schedule: c/a = {totals['a'] / totals['auto']:.2f} (usual loop time / "
+        f"ticketlab time), sparse path alone {totals['dense'] / totals['auto']:.2f}x "
+        f"(ticketlab dense-only time / ticketlab time)\n"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,7 +289,7 @@ def main() -> None:
         f"c/b(1 network) = {rates['c'] / rates['b1']:.2f}  K=16/a = {rates['c16'] / rates['a']:.2f}"
         f"   (targets: c/a >= 5, >= 55% of peak)\n"
     )
-    sparse_section(data, max(6, 2000 // (s * 16)), windows)
+    imp_schedule_section(data, max(6, 2000 // (s * 16)), 300 // s, 2 if windows > 2 else 1)
 
     conv_data = random_data((3, 32, 32), 3_000)
     conv_flops = conv2_flops_per_sample((3, 32, 32)) * BATCH

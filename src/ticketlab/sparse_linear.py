@@ -7,9 +7,11 @@ weights cost: forward ``A @ X^T``, input gradient ``A^T @ G`` (through a precomp
 pattern), weight gradient sampled at the survivors only (``torch.sparse.sampled_addmm``). The
 optimizer then steps only the survivors too, and pruned weights cannot move: they do not exist.
 
-Each output row of every product is one network's row, summed in the same order whatever K is, so
-a network's numbers do not depend on what it is stacked with. On this CPU (MKL's CSR kernels) the
-sparse step breaks even with the dense one near 25% density; ``SPARSE_BELOW`` keeps a margin.
+The blocks never mix: each output row of every product belongs to one network, so stacking changes
+how the arithmetic is grouped, not what is computed (equal to one-by-one training up to float
+rounding, like the dense path). On this CPU (MKL's CSR kernels, several times below the dense
+matmul's FLOP rate) a sparse step breaks even with the dense one at 20-30% density depending on
+the layer shapes; ``benchmarks/throughput.py`` prints both paths over an IMP schedule.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import torch
 # sampled_addmm) are tested against the dense path in tests/test_sparse_linear.py.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
-#: Weight density (fraction of survivors over the whole stack) under which a Linear layer trains
-#: sparse. benchmarks/throughput.py prints both paths' speeds across densities.
+#: A Linear layer trains sparse when every network of the stack keeps less than this fraction of
+#: its weights (the break-even of the MNIST-1D MLP; LeNet-300-100's is nearer 28%).
 SPARSE_BELOW = 0.2
 
 
@@ -83,8 +85,8 @@ def _compressed(sorted_rows: torch.Tensor, n_rows: int) -> torch.Tensor:
 
 class BlockSparseLinear(torch.autograd.Function):
     """``A(values) @ xt + bias`` for ``xt`` ``[K*in, B]`` and ``bias`` ``[K*out, 1]`` (or None),
-    with gradients for all three. The bias rides in the product (``addmm``'s input term): a
-    separate broadcast add over the batch costs about as much as the product at 1% density."""
+    with gradients for all three. The bias rides in the product (``addmm``'s input term), which
+    saves a broadcast pass over the output."""
 
     @staticmethod
     def forward(ctx, values, xt, bias, pattern: BlockPattern):
@@ -120,7 +122,7 @@ def sparse_linear(
     The CSR products want ``X^T``; activations that stay features-first between sparse layers
     are never transposed (a ``[K, B, F]`` <-> ``[K, F, B]`` copy costs about as much as the
     product itself at 1% density), and every elementwise kernel sees operands of one layout
-    (given one transposed operand, ReLU's backward is an order of magnitude slower).
+    (given one transposed operand, ReLU's backward runs several times slower).
     """
     k, inp, batch = ht.shape
     flat_bias = None if bias is None else bias.reshape(-1, 1)
