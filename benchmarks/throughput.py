@@ -18,7 +18,11 @@ training steps only: ticketlab runs are timed between the first and the last ste
 callback, so building the stack and evaluating are excluded. Each figure is the best of a few
 short windows, which is what the machine can do (other processes only ever slow it down; the load
 average is printed). FLOPs are dense-equivalent, 6 * weights * samples for a training step, and are
-compared with the machine's fp32 matmul peak, measured here with a 2048^3 sgemm.
+compared with the machine's fp32 matmul peak, measured here with a 2048^3 sgemm. (The step really
+does less: the first layer's input gradient is never computed, so 6 * weights overcounts LeNet's
+work by ~1.4x; the percentages are comparable with each other, not absolute.) The ceiling row
+times the forward and backward of (c) alone, which bounds what any stacked trainer on these
+kernels can reach.
 
 Then a whole IMP schedule (densities 0.8^L, L = 0..16): (a) and ticketlab's (c) at every level,
 with ticketlab forced dense (masked weights) and as it runs by default (survivors only, as
@@ -38,6 +42,7 @@ import argparse
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -197,6 +202,48 @@ def ticketlab_rate(
     )
 
 
+def matmul_ceiling_rate(data: Dataset, steps: int, windows: int) -> float:
+    """Model-samples/s of the stacked LeNet-300-100's forward and backward alone (batched
+    matmuls, ReLU, loss) for 16 networks as 2 stacks of 8 side by side (one thread each, as
+    ``train`` runs them): no optimizer, mask, data gathering or bookkeeping. No implementation of
+    (c) on these kernels can beat it; its ratio to (a) bounds c/a."""
+    sizes = (784, 300, 100, 10)
+    k = 8
+
+    def one_lane() -> float:
+        torch.set_num_threads(1)
+        g = torch.Generator().manual_seed(0)
+        weights = [
+            (torch.randn(k, i, o, generator=g) * 0.05).requires_grad_()
+            for i, o in zip(sizes, sizes[1:], strict=False)
+        ]
+        biases = [torch.zeros(k, 1, o, requires_grad=True) for o in sizes[1:]]
+        x = data.x_train[: k * BATCH].reshape(k, BATCH, -1)
+        y = data.y_train[: k * BATCH]
+
+        def window() -> float:
+            t = time.perf_counter()
+            for _ in range(steps):
+                h = x
+                for j, (w, b) in enumerate(zip(weights, biases, strict=True)):
+                    h = torch.baddbmm(b, h, w)
+                    h = torch.relu_(h) if j < len(weights) - 1 else h
+                loss = F.cross_entropy(h.reshape(-1, 10), y, reduction="sum")
+                for p in (*weights, *biases):
+                    p.grad = None
+                loss.backward()
+            return steps * k * BATCH / (time.perf_counter() - t)
+
+        window()
+        return best_rate(window, windows)
+
+    threads_before = torch.get_num_threads()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        rates = list(pool.map(lambda _: one_lane(), range(2)))
+    torch.set_num_threads(threads_before)
+    return sum(rates)
+
+
 IMP_LEVELS = 17  # 20% of the remaining weights pruned per level: 100% down to 2.8%
 
 
@@ -284,6 +331,14 @@ def main() -> None:
             f"({gflops / peak:4.0%} of peak)",
             flush=True,
         )
+    ceiling = matmul_ceiling_rate(data, max(6, 2000 // (s * 16)), windows)
+    print(
+        f"  {'ceiling: forward + backward of (c) alone (no optimizer/mask/data)':62s} "
+        f"{ceiling:8,.0f} model-samples/s {ceiling * flops_per_sample / 1e9:6.1f} GFLOP/s "
+        f"({ceiling * flops_per_sample / 1e9 / peak:4.0%} of peak): c/a can be at most "
+        f"{ceiling / rates['a']:.2f} on these kernels",
+        flush=True,
+    )
     print(
         f"  c/a = {rates['c'] / rates['a']:.2f}  c/b = {rates['c'] / rates['b']:.2f}  "
         f"c/b(1 network) = {rates['c'] / rates['b1']:.2f}  K=16/a = {rates['c16'] / rates['a']:.2f}"
