@@ -145,3 +145,20 @@ def test_checkpoint_of_the_other_layout_is_retrained_not_misread(digits):  # noq
     )
     for a, b in zip(fresh, resumed, strict=True):
         assert_identical(a, b)
+
+
+def test_a_sweep_is_stacked_by_density_and_returned_in_order(digits):  # noqa: F811
+    """Mixed densities, interleaved: the two sparse networks share a stack (so it takes the sparse
+    path, bit for bit what they give stacked on their own), and results come back in job order."""
+    template, jobs = sparse_jobs(digits, sparsities=(0.5, 0.95, 0.5, 0.95))
+    s = spec(steps=12, dtype="float32")
+    mixed = train(template, jobs, digits, s, stack_size=2, lanes=1)
+    sparse_pair = train(template, [jobs[1], jobs[3]], digits, s, stack_size=2, lanes=1)
+    dense_pair = train(template, [jobs[0], jobs[2]], digits, s, stack_size=2, lanes=1)
+    expected = [dense_pair[0], sparse_pair[0], dense_pair[1], sparse_pair[1]]
+    for got, want in zip(mixed, expected, strict=True):
+        assert_identical(got, want)
+    alone = train(template, jobs, digits, spec(steps=12), stack_size=1)
+    together = train(template, jobs, digits, spec(steps=12), stack_size=2)
+    for a, b in zip(together, alone, strict=True):
+        assert_close(a, b)

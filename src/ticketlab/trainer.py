@@ -164,14 +164,22 @@ def train(
     Linear weights whose masks keep less than ``sparse_below`` train as sparse matrices of their
     survivors (0: always dense; see ``sparse_linear``).
 
-    The jobs are cut into ``chunk_count`` stacks of near-equal size (``checkpointers[c]`` belongs
-    to stack ``c``). With several stacks and several CPU threads, the stacks train side by side,
-    one thread each: on a small CPU that beats one stack whose every operation is split over the
-    threads, and it does not collapse when another process takes a core. ``lanes``: how many stacks
-    may train at once (default: torch's intra-op thread count; 1 = one after another).
+    The jobs, ordered by mask density (a stable sort: jobs of equal density, like the branches of
+    an IMP level, keep their order), are cut into ``chunk_count`` stacks of near-equal size
+    (``checkpointers[c]`` belongs to stack ``c`` of that order); results come back in the order of
+    ``jobs``. Stacking similar densities together lets the sparse networks of a sweep train on the
+    sparse path, which a stack takes only when all its networks are sparse.
+
+    With several stacks and several CPU threads, the stacks train side by side, one thread each:
+    on a small CPU that beats one stack whose every operation is split over the threads, and it
+    does not collapse when another process takes a core. ``lanes``: how many stacks may train at
+    once (default: torch's intra-op thread count; 1 = one after another).
     """
     data = data.to(getattr(torch, spec.dtype))
-    chunks = [list(jobs[a:b]) for a, b in _chunk_bounds(template, len(jobs), stack_size, lanes)]
+    order = sorted(range(len(jobs)), key=lambda i: jobs[i].mask.density())
+    by_density = [jobs[i] for i in order]
+    bounds = _chunk_bounds(template, len(jobs), stack_size, lanes)
+    chunks = [by_density[a:b] for a, b in bounds]
 
     def run_chunk(c: int, chunk_progress: Progress | None) -> list[Result]:
         checkpointer = checkpointers[c] if checkpointers else None
@@ -181,11 +189,11 @@ def train(
 
     parallel = _lane_count(template, len(chunks), lanes)
     if parallel > 1:
-        return _train_in_lanes(run_chunk, len(chunks), parallel, progress)
-    results: list[Result] = []
-    for c in range(len(chunks)):
-        results += run_chunk(c, progress)
-    return results
+        trained = _train_in_lanes(run_chunk, len(chunks), parallel, progress)
+    else:
+        trained = [r for c in range(len(chunks)) for r in run_chunk(c, progress)]
+    placed = dict(zip(order, trained, strict=True))
+    return [placed[i] for i in range(len(jobs))]
 
 
 def chunk_count(
