@@ -31,10 +31,16 @@ def survivors(criterion: str, keep: int) -> list[int]:
         ("small_init_small_final", [2, 3]),  # max = .9 .9 .6 .2 .85
         ("magnitude_increase", [0, 2]),  # .8 -.8 .1 0 .05
         ("movement", [0, 2]),  # .8 .8 1.1 .4 .05 -> 2, then tie 0/1 broken by position
+        ("large_final_same_sign", [0, 4]),  # same sign at 0 1 4: |wf| .9 .1 .85
     ],
 )
 def test_criterion_ranks_as_defined(criterion, expected):
     assert survivors(criterion, 2) == expected
+
+
+def test_same_sign_keeps_every_unflipped_weight_before_any_flipped_one():
+    assert survivors("large_final_same_sign", 3) == [0, 1, 4]  # not 2: |wf| .6 but flipped
+    assert survivors("large_final_same_sign", 4) == [0, 1, 2, 4]  # then flipped by |wf|
 
 
 def test_random_criterion_depends_on_generator_only():

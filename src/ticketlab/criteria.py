@@ -54,6 +54,20 @@ def magnitude_increase(
     return w_final.abs() - w_init.abs()
 
 
+def large_final_same_sign(
+    w_init: torch.Tensor, w_final: torch.Tensor, g: torch.Generator
+) -> torch.Tensor:
+    """|w_f|, with every weight that kept its initial sign ranked above every one that flipped:
+    Zhou et al.'s "large final, same sign", the criterion that shows the sign is what a mask
+    encodes."""
+    same = torch.sign(w_init) == torch.sign(w_final)
+    magnitude = w_final.abs()
+    below_every_kept = (
+        magnitude - (float(magnitude.max()) + 1.0) if magnitude.numel() else magnitude
+    )
+    return torch.where(same, magnitude, below_every_kept)
+
+
 def movement(w_init: torch.Tensor, w_final: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """|w_f - w_i|: how far training moved the weight."""
     return (w_final - w_init).abs()
@@ -72,6 +86,7 @@ CRITERIA: dict[str, Criterion] = {
     "large_init_large_final": large_init_large_final,
     "small_init_small_final": small_init_small_final,
     "magnitude_increase": magnitude_increase,
+    "large_final_same_sign": large_final_same_sign,
     "movement": movement,
     "random": random,
 }
