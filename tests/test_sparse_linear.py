@@ -44,8 +44,9 @@ def sparse_jobs(data, sparsities=SPARSE_SPARSITIES, model="lenet_300_100"):
     return template, jobs
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("densities", [(0.3, 0.05, 0.0), (1.0, 0.5, 0.01)])
-def test_block_sparse_linear_matches_dense_masked_linear(densities):
+def test_block_sparse_linear_matches_dense_masked_linear(densities, with_bias):
     """Values, input gradient and bias gradient, with blocks of different densities, an empty
     block and a full one."""
     g = torch.Generator().manual_seed(0)
@@ -58,23 +59,29 @@ def test_block_sparse_linear_matches_dense_masked_linear(densities):
 
     values = pattern.gather(dense_w).requires_grad_()
     dense = dense_w.clone().requires_grad_()
-    bias = torch.randn(k, 1, out, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(k, 1, out, generator=g, dtype=torch.float64, requires_grad=with_bias)
     x = torch.randn(k, batch, inp, generator=g, dtype=torch.float64, requires_grad=True)
-    sparse_out = sparse_linear(x.transpose(1, 2), values, bias, pattern).transpose(1, 2)
-    dense_out = torch.baddbmm(bias, x, dense.transpose(1, 2))
+    sparse_bias = bias if with_bias else None
+    sparse_out = sparse_linear(x.transpose(1, 2), values, sparse_bias, pattern).transpose(1, 2)
+    dense_out = torch.bmm(x, dense.transpose(1, 2))
+    dense_out = dense_out + bias if with_bias else dense_out
     torch.testing.assert_close(sparse_out, dense_out, rtol=0, atol=1e-12)
 
     upstream = torch.randn(k, batch, out, generator=g, dtype=torch.float64)
-    gv, gx, gb = torch.autograd.grad(sparse_out, (values, x, bias), upstream)
-    gw_dense, gx_dense, gb_dense = torch.autograd.grad(dense_out, (dense, x, bias), upstream)
-    torch.testing.assert_close(gv, gw_dense[keep], rtol=0, atol=1e-12)  # survivors only
-    torch.testing.assert_close(gx, gx_dense, rtol=0, atol=1e-12)
-    torch.testing.assert_close(gb, gb_dense, rtol=0, atol=1e-12)
+    inputs = (values, x, bias) if with_bias else (values, x)
+    dense_inputs = (dense, x, bias) if with_bias else (dense, x)
+    got = torch.autograd.grad(sparse_out, inputs, upstream)
+    want = torch.autograd.grad(dense_out, dense_inputs, upstream)
+    torch.testing.assert_close(got[0], want[0][keep], rtol=0, atol=1e-12)  # survivors only
+    for a, b in zip(got[1:], want[1:], strict=True):  # the input's and the bias's gradients
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_sparse_training_equals_dense_training(digits):  # noqa: F811
-    template, jobs = sparse_jobs(digits)
-    s = spec(steps=30)
+@pytest.mark.parametrize(("model", "steps"), [("lenet_300_100", 30), ("conv2", 8)])
+def test_sparse_training_equals_dense_training(digits, model, steps):  # noqa: F811
+    """For Conv-2 the convolutions stay dense and its Linear layers (after Flatten) go sparse."""
+    template, jobs = sparse_jobs(digits, model=model)
+    s = spec(steps=steps)
     sparse = train(template, jobs, digits, s, stack_size=3, sparse_below=1.0)
     dense = train(template, jobs, digits, s, stack_size=3, sparse_below=0.0)
     for a, b in zip(sparse, dense, strict=True):
