@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from ticketlab import trainer
+from ticketlab import stacked, trainer
 from ticketlab.data import Dataset, load_dataset
 from ticketlab.mask import Mask, prunable_names
 from ticketlab.models import build_model
@@ -178,6 +178,17 @@ def test_vmap_path_equals_one_by_one(digits):
         assert_close(a, b)
         for name in job.mask:
             assert bool((a.final[name][~job.mask[name]] == 0).all())
+
+
+def test_stack_size_shrinks_when_training_state_would_not_fit(digits, monkeypatch):
+    template = build_model("lenet_300_100", digits.input_shape, 10, seed=0)
+    per_network = 16 * sum(p.numel() for p in template.parameters())  # weight, grad, 2 moments
+    assert max_stack_size(template, available_bytes=4 * 3 * per_network) == 3
+    assert max_stack_size(template, available_bytes=per_network) == 1  # never below one
+    assert max_stack_size(template, available_bytes=10**15) == 16
+    assert max_stack_size(template) == 16  # this machine: the paper's models never hit the cap
+    monkeypatch.setattr(stacked, "available_memory", lambda: 4 * 3 * per_network)
+    assert trainer._chunk_bounds(template, 6, None, 1) == [(0, 3), (3, 6)]  # stacks follow it
 
 
 def test_sequential_stack_is_used_for_paper_models(digits):

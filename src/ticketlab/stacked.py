@@ -332,9 +332,36 @@ def has_randomness(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in module.modules())
 
 
-def max_stack_size(template: nn.Module) -> int:
-    """How many copies can share a stack: 1 for modules with state or randomness."""
-    return 1 if _has_state_or_randomness(template) else 16
+#: Bytes training holds per parameter and network: the weight, its gradient and Adam's two moments.
+TRAINING_BYTES_PER_PARAMETER = 16
+MAX_STACK = 16
+
+
+def max_stack_size(template: nn.Module, available_bytes: int | None = None) -> int:
+    """How many copies can share a stack: 1 for modules with state or randomness; otherwise up
+    to 16, fewer when their training state would not fit in a quarter of the available memory
+    (``available_bytes``, default: what the OS reports). A quarter, because stacks train two at a
+    time on two cores and activations need room as well. The paper's models never hit the cap; a
+    user's large module gets smaller stacks instead of running out of memory."""
+    if _has_state_or_randomness(template):
+        return 1
+    available = available_memory() if available_bytes is None else available_bytes
+    if available is None:
+        return MAX_STACK
+    per_network = TRAINING_BYTES_PER_PARAMETER * sum(p.numel() for p in template.parameters())
+    return max(1, min(MAX_STACK, available // 4 // max(1, per_network)))
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel reports available (``MemAvailable``, Linux); None where it cannot tell."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def canonical_states(stack: Stack) -> list[State]:

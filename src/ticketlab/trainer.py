@@ -209,7 +209,7 @@ def _lanes_available(lanes: int | None) -> int:
 
 def _lane_count(template: nn.Module, n_chunks: int, lanes: int | None) -> int:
     # Modules with state or randomness (BatchNorm, dropout) use torch's global RNG and train one
-    # network at a time: never concurrently.
+    # network at a time: never concurrently. Nor do modules too large to stack (memory).
     if max_stack_size(template) == 1:
         return 1
     return min(n_chunks, _lanes_available(lanes))
