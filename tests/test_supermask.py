@@ -62,6 +62,33 @@ def test_supermask_changes_no_weight(digits, method):
     assert results[0].curve["iteration"] == [0.0, 25.0]
 
 
+def test_dynamic_weight_rescaling_is_what_the_accuracy_measures(digits):
+    """With ``rescale``, each layer's kept weights are scaled by size / kept: in the reported
+    network (``masked_state``), and in what ``test_acc`` evaluated; the weights stay untouched."""
+    template, _ = _net(digits, 0)
+    inits = [_net(digits, s)[1] for s in (3, 4)]
+    spec = TrainSpec(steps=25, batch_size=64, lr=0.05, eval_every=25)
+    plain, scaled = (
+        find_supermasks(template, inits, digits, spec, seeds=[3, 4], rescale=rescale)
+        for rescale in (False, True)
+    )
+    names = prunable_names(template)
+    for init, res in zip(inits, scaled, strict=True):
+        assert res.rescaled and res.metrics()["rescaled"]
+        state = res.masked_state()
+        for name, weight in init.items():
+            assert torch.equal(res.weights[name], weight)
+            if name in names:
+                keep = res.mask[name]
+                factor = keep.numel() / int(keep.sum())
+                torch.testing.assert_close(state[name], weight * keep * factor)
+            else:
+                assert torch.equal(state[name], weight)  # biases: never masked nor scaled
+        assert _accuracy(template, state, digits) == pytest.approx(res.test_acc)
+    # the rescaling changed what the network computes (so, here, what it learned)
+    assert [r.test_acc for r in plain] != [r.test_acc for r in scaled]
+
+
 def test_conv_net_edge_popup(digits):
     """Conv2d layers get scores too (grouped or looped per network by the stack)."""
     template = build_model("conv2", digits.input_shape, digits.num_classes, 0)

@@ -21,6 +21,11 @@ one batched network, each with its own weights, scores, data order and random dr
   layer's fan-in were ``density * fan_in`` (their ``--scale-fan``). Evaluation is deterministic:
   the top-k mask, which is the returned ``Mask``.
 
+**Dynamic weight rescaling** (Zhou et al. §5, ``rescale=True``): every time a mask is applied, each
+layer's kept weights are multiplied by ``layer size / weights kept``, so the layer's output keeps
+its scale however many weights the mask drops (for the expected mask, by ``layer size / sum of
+keep probabilities``). ``SupermaskResult.masked_state`` applies the same factor.
+
 Only the scores are optimised (fused Adam, or SGD as in the edge-popup paper); the weights are plain
 tensors outside the optimizer and come back unchanged. Biases stay at their init and are never
 masked (like ``prunable_names``: Linear/Conv weights only).
@@ -105,13 +110,20 @@ class SupermaskResult:
     curve: dict[str, list[float]]
     sampled_test_acc: float | None = None
     expected_test_acc: float | None = None
+    rescaled: bool = False
 
     def masked_state(self) -> State:
-        """The network the mask defines: weights times mask (what ``test_acc`` evaluates)."""
-        return {
-            n: t * self.mask[n].to(t.dtype) if n in self.mask.tensors else t.clone()
-            for n, t in self.weights.items()
-        }
+        """The network the mask defines: weights times mask, times ``size / kept`` per layer with
+        dynamic weight rescaling (what ``test_acc`` evaluates)."""
+        state = {}
+        for n, t in self.weights.items():
+            if n not in self.mask.tensors:
+                state[n] = t.clone()
+                continue
+            keep = self.mask[n].to(t.dtype)
+            factor = keep.numel() / max(1.0, float(keep.sum())) if self.rescaled else 1.0
+            state[n] = t * keep * factor
+        return state
 
     def metrics(self) -> dict[str, Any]:
         return {
@@ -120,6 +132,7 @@ class SupermaskResult:
             "test_acc": self.test_acc,
             "sampled_test_acc": self.sampled_test_acc,
             "expected_test_acc": self.expected_test_acc,
+            "rescaled": self.rescaled,
             "untrained_test_acc": self.curve["test_acc"][0],
             "weights_remaining": self.density,
             "layer_remaining": self.mask.layer_density(),
@@ -195,6 +208,7 @@ def find_supermasks(
     weights: str = "init",
     density: float = 0.5,
     scale_fan: bool = False,
+    rescale: bool = False,
     seeds: Sequence[int] | None = None,
     samples: int = 10,
     stack_size: int | None = None,
@@ -219,6 +233,7 @@ def find_supermasks(
             weights,
             density,
             scale_fan,
+            rescale,
             seeds[start : start + size],
             samples,
             progress,
@@ -235,9 +250,10 @@ def learned_supermask(
     weights: str = "init",
     seed: int = 0,
     samples: int = 10,
+    rescale: bool = False,
 ) -> SupermaskResult:
     """Zhou et al.'s learned supermask of one network (see the module docstring)."""
-    options = {"method": "learned", "weights": weights, "samples": samples}
+    options = {"method": "learned", "weights": weights, "samples": samples, "rescale": rescale}
     return find_supermasks(template, [init], data, spec, seeds=[seed], **options)[0]
 
 
@@ -262,9 +278,9 @@ def edge_popup(
 class _Supermasks:
     """K networks' frozen weights and trainable scores in the stack's working layout."""
 
-    def __init__(self, template, states, data, spec, method, density, seeds):
+    def __init__(self, template, states, data, spec, method, density, seeds, rescale=False):
         self.dtype = getattr(torch, spec.dtype)
-        self.method, self.density = method, density
+        self.method, self.density, self.rescale = method, density, rescale
         self.names = prunable_names(template)
         self.stack = stack_networks(template, states, self.dtype, data.x_train)
         self.k = self.stack.size
@@ -297,10 +313,21 @@ class _Supermasks:
         }
 
     def use(self, masks: dict[str, torch.Tensor]) -> None:
-        """Point the stack's forward pass at ``frozen * mask`` (frozen tensors stay untouched)."""
+        """Point the stack's forward pass at ``frozen * mask`` (frozen tensors stay untouched),
+        rescaled per network and layer by ``size / kept`` when ``rescale`` is on."""
         self.stack.params = {
-            n: self.frozen[n] * masks[n] if n in masks else self.frozen[n] for n in self.frozen
+            n: self.frozen[n] * self._rescaled(masks[n]) if n in masks else self.frozen[n]
+            for n in self.frozen
         }
+
+    def _rescaled(self, mask: torch.Tensor) -> torch.Tensor:
+        """``mask`` ([K, ...], any layout) times each network's ``size / kept``; the factor is a
+        constant to the gradient, which reaches the scores through the mask only."""
+        if not self.rescale:
+            return mask
+        kept = mask.detach().flatten(1).sum(1).clamp_min(1.0)
+        factor = (mask[0].numel() / kept).view(-1, *([1] * (mask.dim() - 1)))
+        return mask * factor
 
     def canonical(self, name: str, working: torch.Tensor, i: int) -> torch.Tensor:
         return self.stack.to_canonical(name, working.detach())[i].clone()
@@ -334,13 +361,24 @@ class _Supermasks:
 
 
 def _train_chunk(
-    template, inits, data, spec, method, weights, density, scale_fan, seeds, samples, progress
+    template,
+    inits,
+    data,
+    spec,
+    method,
+    weights,
+    density,
+    scale_fan,
+    rescale,
+    seeds,
+    samples,
+    progress,
 ) -> list[SupermaskResult]:
     names = prunable_names(template)
     fan_scale = density if scale_fan else 1.0
     states = [frozen_weights(init, names, weights, fan_scale) for init in inits]
     data = data.to(getattr(torch, spec.dtype))
-    sm = _Supermasks(template, states, data, spec, method, density, seeds)
+    sm = _Supermasks(template, states, data, spec, method, density, seeds, rescale)
     optimizer = make_optimizer(list(sm.scores.values()), spec)
     batches = Batches(data, [derive_seed(s, "supermask-data") for s in seeds], spec.batch_size)
     curve: dict[str, list[list[float]]] = {key: [[] for _ in range(sm.k)] for key in _CURVE_KEYS}
@@ -420,6 +458,7 @@ def _results(sm: _Supermasks, states, data, curve, weights, samples) -> list[Sup
                 curve={key: [_finite_or_none(v) for v in curve[key][i]] for key in _CURVE_KEYS},
                 sampled_test_acc=None if sampled is None else float(sampled[i]),
                 expected_test_acc=None if expected is None else float(expected[i]),
+                rescaled=sm.rescale,
             )
         )
     return results
