@@ -107,12 +107,18 @@ def test_compare_command(capsys, tmp_path):
         "compare", "--model", "lenet_300_100", "--data", "digits", "--criteria",
         "large_final,random", "--resets", "rewind,reinit_signed", "--sparsities", "0.5,0.9",
         "--replicates", "1", "--steps", "10", "--eval-every", "5", "--supermask-steps", "5",
-        "--out", str(out),
+        "--supermask-rescale", "--out", str(out),
     ]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "reinit_signed" in printed and "edge-popup" in printed and "10.9% left" in printed
     assert (out / "grid.json").is_file() and (out / "grid.md").is_file()
+    saved = json.loads((out / "grid.json").read_text())
+    assert saved["settings"]["supermask_rescale"] is True
+    for row in saved["supermasks"]:  # dynamic weight rescaling: the learned rows only
+        learned = row["method"] == "learned"
+        assert [r["rescaled"] for r in row["replicates"]] == [learned]
+        assert row["weights"].endswith(", rescaled") == learned
 
 
 @pytest.mark.parametrize(

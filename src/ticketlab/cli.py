@@ -204,6 +204,9 @@ def compare(
     supermask_steps: Annotated[
         int | None, Opt(help="Score-training steps of the supermask rows (default --steps).")
     ] = None,
+    supermask_rescale: Annotated[
+        bool, Opt(help="Dynamic weight rescaling (Zhou) in the learned-supermask rows.")
+    ] = False,
     stack_size: Annotated[int | None, Opt(help="Networks trained side by side (0 = auto).")] = None,
     out: Annotated[str, Opt(help="Folder for grid.json and grid.md.")] = "runs/grid",
 ) -> None:
@@ -220,6 +223,7 @@ def compare(
         "steps": steps,
         "supermask": supermask,
         "supermask_steps": supermask_steps,
+        "supermask_rescale": supermask_rescale,
     }
     where = {"model": model, "data": data, "seed": seed, "stack_size": stack_size, "out": out}
     where.update(eval_every=eval_every, lr=lr)

@@ -103,6 +103,7 @@ def validate(
     supermask_steps: int | None,
     stack_size: int | None,
     supermask: bool = True,
+    supermask_rescale: bool = False,
     out: str | Path | None = None,
     lr: float | None = None,
 ) -> Config:
@@ -160,6 +161,7 @@ def run_grid(
     lr: float | None = None,
     supermask: bool = True,
     supermask_steps: int | None = None,
+    supermask_rescale: bool = False,
     stack_size: int | None = None,
     out: str | Path | None = None,
     progress: Progress | None = None,
@@ -169,6 +171,7 @@ def run_grid(
     ``sparsity`` is the fraction of each hidden layer's weights removed (the output layer loses
     half of it). ``eval_every`` defaults to a tenth of ``steps``; ``supermask_steps`` to ``steps``;
     ``lr`` (of the weight training) to the model's preset (``config.PRESETS``).
+    ``supermask_rescale``: Zhou's dynamic weight rescaling in the learned-supermask rows.
     """
     criteria, resets = list(dict.fromkeys(criteria)), list(dict.fromkeys(resets))
     sparsities = sorted(dict.fromkeys(float(s) for s in sparsities))
@@ -229,6 +232,7 @@ def run_grid(
             sm_spec = default_spec(method, sm_steps, c.batch_size)
             seeds = [derive_seed(seed, "supermask", method, weights, r) for r in range(replicates)]
             options = {"method": method, "weights": weights, "density": SUPERMASK_DENSITY}
+            options["rescale"] = supermask_rescale and method == "learned"
             found = find_supermasks(
                 template,
                 inits,
@@ -257,6 +261,7 @@ def run_grid(
             "eval_every": spec.eval_every,
             "pruning": "one-shot, layer-wise; output layer at half the rate",
             "supermask_steps": (supermask_steps or c.steps) if supermask else None,
+            "supermask_rescale": supermask_rescale,
         },
         "dense": _aggregate(dense),
         "cells": cells,
@@ -322,9 +327,10 @@ def _supermask_row(
         metrics = {k: v for k, v in f.metrics().items() if k not in ("curve", "layer_remaining")}
         per.append({**metrics, "test_acc_curve": f.curve["test_acc"]})
     keys = ("test_acc", "sampled_test_acc", "expected_test_acc", "untrained_test_acc")
+    rescaled = any(f.rescaled for f in found)
     return {
         "method": method,
-        "weights": weights,
+        "weights": f"{weights}, rescaled" if rescaled else weights,
         "steps": spec.steps,
         "lr": spec.lr,
         "replicates": per,
@@ -341,6 +347,7 @@ def total_steps(
     steps: int,
     supermask: bool,
     supermask_steps: int | None,
+    supermask_rescale: bool = False,
 ) -> int:
     """Network-steps of a grid (what the ``progress`` callback adds up to)."""
     cells = len(set(criteria)) * len(set(resets)) * len(set(sparsities))
