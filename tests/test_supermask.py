@@ -140,6 +140,13 @@ def test_edge_popup_keeps_exactly_k_per_layer(digits):
     assert res.sampled_test_acc is None and res.expected_test_acc is None
 
 
+def test_edge_popup_scores_train_on_a_cosine_schedule():
+    spec = default_spec("edge_popup", steps=100)
+    assert spec.cosine and not default_spec("learned", steps=100).cosine
+    assert [spec.lr_factor(step) for step in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])
+    assert spec.lr_factor(25) == pytest.approx((1 + 2**-0.5) / 2)
+
+
 def test_straight_through_estimators():
     scores = torch.randn(3, 7, 5, requires_grad=True)
     mask = TopKST.apply(scores, 11)

@@ -59,10 +59,12 @@ class TrainSpec:
     gamma: float = 0.1
     warmup_steps: int = 0
     dtype: str = "float32"
+    cosine: bool = False  # decay to 0 along a half cosine over ``steps`` (edge-popup's schedule)
 
     def lr_factor(self, step: int) -> float:
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        return warm * self.gamma ** sum(step >= m for m in self.milestones)
+        decay = 0.5 * (1.0 + math.cos(math.pi * step / self.steps)) if self.cosine else 1.0
+        return warm * decay * self.gamma ** sum(step >= m for m in self.milestones)
 
     def eval_steps(self) -> list[int]:
         return sorted({*range(0, self.steps, self.eval_every), self.steps})
