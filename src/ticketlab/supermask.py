@@ -230,24 +230,25 @@ def find_supermasks(
     """
     seeds = list(range(len(inits))) if seeds is None else list(seeds)
     _validate(method, weights, density, inits, seeds, spec)
+    choice = _Choice(method, weights, density, scale_fan, rescale, samples)
     size = min(stack_size or max_stack_size(template), max_stack_size(template))
     results: list[SupermaskResult] = []
     for start in range(0, len(inits), size):
-        results += _train_chunk(
-            template,
-            list(inits[start : start + size]),
-            data,
-            spec,
-            method,
-            weights,
-            density,
-            scale_fan,
-            rescale,
-            seeds[start : start + size],
-            samples,
-            progress,
-        )
+        chunk = slice(start, start + size)
+        results += _train_chunk(template, inits[chunk], data, spec, choice, seeds[chunk], progress)
     return results
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """How the masks of one ``find_supermasks`` call are found (see its arguments)."""
+
+    method: str
+    weights: str
+    density: float
+    scale_fan: bool
+    rescale: bool
+    samples: int
 
 
 def learned_supermask(
@@ -287,16 +288,16 @@ def edge_popup(
 class _Supermasks:
     """K networks' frozen weights and trainable scores in the stack's working layout."""
 
-    def __init__(self, template, states, data, spec, method, density, seeds, rescale=False):
+    def __init__(self, template, states, data, spec, choice: _Choice, seeds):
         self.dtype = getattr(torch, spec.dtype)
-        self.method, self.density, self.rescale = method, density, rescale
+        self.method, self.density, self.rescale = choice.method, choice.density, choice.rescale
         self.names = prunable_names(template)
         self.stack = stack_networks(template, states, self.dtype, data.x_train)
         self.k = self.stack.size
         self.frozen = {n: p.detach() for n, p in self.stack.params.items()}
         self.gens = [torch.Generator().manual_seed(derive_seed(s, "supermask")) for s in seeds]
         self.scores = {n: self._initial(n, states) for n in self.names}
-        self.counts = {n: n_keep(states[0][n].numel(), density) for n in self.names}
+        self.counts = {n: n_keep(states[0][n].numel(), self.density) for n in self.names}
 
     def _initial(self, name: str, states: Sequence[State]) -> torch.Tensor:
         """Each network's initial scores (from its own generator), stacked in working layout."""
@@ -370,24 +371,13 @@ class _Supermasks:
 
 
 def _train_chunk(
-    template,
-    inits,
-    data,
-    spec,
-    method,
-    weights,
-    density,
-    scale_fan,
-    rescale,
-    seeds,
-    samples,
-    progress,
+    template, inits, data, spec, choice: _Choice, seeds, progress
 ) -> list[SupermaskResult]:
     names = prunable_names(template)
-    fan_scale = density if scale_fan else 1.0
-    states = [frozen_weights(init, names, weights, fan_scale) for init in inits]
+    fan_scale = choice.density if choice.scale_fan else 1.0
+    states = [frozen_weights(init, names, choice.weights, fan_scale) for init in inits]
     data = data.to(getattr(torch, spec.dtype))
-    sm = _Supermasks(template, states, data, spec, method, density, seeds, rescale)
+    sm = _Supermasks(template, states, data, spec, choice, seeds)
     optimizer = make_optimizer(list(sm.scores.values()), spec)
     batches = Batches(data, [derive_seed(s, "supermask-data") for s in seeds], spec.batch_size)
     curve: dict[str, list[list[float]]] = {key: [[] for _ in range(sm.k)] for key in _CURVE_KEYS}
@@ -417,7 +407,7 @@ def _train_chunk(
         loss_count += 1
         if progress:
             progress(sm.k)
-    return _results(sm, states, data, curve, weights, samples)
+    return _results(sm, states, data, curve, choice.weights, choice.samples)
 
 
 _CURVE_KEYS = ("iteration", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc")
