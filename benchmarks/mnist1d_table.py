@@ -13,19 +13,19 @@ The ticket's rounds are sequential: round r prunes the weights round r-1 trained
 layer). Each round trains both trials together with the two random-mask controls of that sparsity
 (their masks need only the ticket's per-layer counts): 4 networks, as 2 stacks side by side, one
 CPU thread each. From .90 on every mask is under ``SPARSE_BELOW`` and the stacks train as
-block-diagonal sparse matrices of their survivors (``ticketlab.sparse_linear``). At sparsity 0 the
-random mask is the full mask, so the control *is* the dense network and its row repeats the
+block-diagonal sparse matrices of their survivors (``ticketlab.train.sparse_linear``). At sparsity 0
+the random mask is the full mask, so the control *is* the dense network and its row repeats the
 ticket's.
 
 Training the 16 controls apart from the chain, all at once, was measured slower here (62 s vs 52
 s): the dense rounds then train 2 networks at a time instead of 4, and the sparse kernels' cost
 grows with the number of networks, so larger sparse stacks buy nothing.
 
-Data: the 4,000/1,000 MNIST-1D split from ``ticketlab.data`` (generated offline with the package's
-default arguments, the data the notebook downloads). ``load_dataset`` would hold 10% of the training
-set out for validation; the notebook trains on all 4,000, so here the training set is all of it and
-the "validation" set is just its first 100 examples (it only feeds the trainer's curve, which the
-table does not use).
+Data: the 4,000/1,000 MNIST-1D split from ``ticketlab.zoo.data`` (generated offline with the
+package's default arguments, the data the notebook downloads). ``load_dataset`` would hold 10% of
+the training set out for validation; the notebook trains on all 4,000, so here the training set is
+all of it and the "validation" set is just its first 100 examples (it only feeds the trainer's
+curve, which the table does not use).
 
 Differences from the notebook that remain: its MLP has a residual connection around the middle
 layer (``h + relu(linear2(h))``); ``mnist1d_mlp`` is the plain 40-500-500-10 MLP. Its schedule has
@@ -41,12 +41,12 @@ import time
 import torch
 
 from throughput import matmul_peak  # benchmarks/throughput.py
-from ticketlab.criteria import large_final
-from ticketlab.data import DATASETS, Dataset
-from ticketlab.mask import Mask, prunable_names
-from ticketlab.models import build_model
-from ticketlab.pruning import prune_layerwise, random_mask_like
-from ticketlab.trainer import Job, TrainSpec, train
+from ticketlab.core.criteria import large_final
+from ticketlab.core.mask import Mask, prunable_names
+from ticketlab.core.pruning import prune_layerwise, random_mask_like
+from ticketlab.train.trainer import Job, TrainSpec, train
+from ticketlab.zoo.data import DATASETS, Dataset
+from ticketlab.zoo.models import build_model
 
 SPARSITIES = (0.0, 0.45, 0.80, 0.90, 0.92, 0.95, 0.97, 0.98, 0.99)
 PUBLISHED_TICKET = (65.6, 66.5, 72.5, 74.2, 75.0, 69.8, 67.7, 63.4, 41.7)

@@ -15,9 +15,9 @@ import argparse
 import dataclasses
 import time
 
-from ticketlab.data import load_dataset
-from ticketlab.models import build_model
-from ticketlab.supermask import default_spec, find_supermasks
+from ticketlab.train.supermask import default_spec, find_supermasks
+from ticketlab.zoo.data import load_dataset
+from ticketlab.zoo.models import build_model
 
 SETTINGS = (("mnist5k", "lenet_300_100"), ("mnist1d", "mnist1d_mlp"))
 SEEDS = (1, 2)

@@ -49,12 +49,12 @@ import torch.nn.functional as F
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
 
-from ticketlab import stacked
-from ticketlab.data import Dataset
-from ticketlab.mask import Mask, prunable_names
-from ticketlab.models import build_model
-from ticketlab.sparse_linear import SPARSE_BELOW
-from ticketlab.trainer import Job, TrainSpec, _chunk_bounds, _lane_count, train
+from ticketlab.core.mask import Mask, prunable_names
+from ticketlab.train import stacked
+from ticketlab.train.sparse_linear import SPARSE_BELOW
+from ticketlab.train.trainer import Job, TrainSpec, _chunk_bounds, _lane_count, train
+from ticketlab.zoo.data import Dataset
+from ticketlab.zoo.models import build_model
 
 BATCH = 60
 N_TRAIN = 60_000

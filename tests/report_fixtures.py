@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from ticketlab.summary import STATS, spread
+from ticketlab.io.summary import STATS, spread
 
 DEFAULT_BRANCHES = ("ticket", "reinit", "random_prune")
 LAYERS = {"1.weight": 0.8, "3.weight": 0.8, "5.weight": 0.9}

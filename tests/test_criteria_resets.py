@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from ticketlab.criteria import CRITERIA, get_criterion
+from ticketlab.core.criteria import CRITERIA, get_criterion
+from ticketlab.core.mask import Mask
+from ticketlab.core.pruning import prune_layerwise
+from ticketlab.core.resets import RESETS, get_reset
 from ticketlab.errors import TicketlabError
-from ticketlab.mask import Mask
-from ticketlab.pruning import prune_layerwise
-from ticketlab.resets import RESETS, get_reset
 
 W_INIT = torch.tensor([0.1, -0.9, 0.5, -0.2, 0.8])
 W_FINAL = torch.tensor([0.9, -0.1, -0.6, 0.2, 0.85])

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from ticketlab import data
 from ticketlab.cli import main
-from ticketlab.data import DATASETS, DESCRIPTIONS, RemoteFile, fetch, load_dataset, read_idx
 from ticketlab.errors import TicketlabError
+from ticketlab.zoo import data
+from ticketlab.zoo.data import DATASETS, DESCRIPTIONS, RemoteFile, fetch, load_dataset, read_idx
 
 IDX_SETS = [("mnist", 0.1307, 0.3081), ("fashion_mnist", 0.2860, 0.3530)]
 

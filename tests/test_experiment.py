@@ -9,9 +9,9 @@ import torch
 
 from ticketlab import api
 from ticketlab.api import run_search
-from ticketlab.config import resolve
-from ticketlab.data import load_dataset
-from ticketlab.experiment import (
+from ticketlab.io.config import resolve
+from ticketlab.io.store import read_checked_tensors
+from ticketlab.studies.imp import (
     Setup,
     branch_jobs,
     level_dir,
@@ -19,9 +19,9 @@ from ticketlab.experiment import (
     load_replicates,
     load_rewind,
 )
-from ticketlab.models import build_model
-from ticketlab.store import read_checked_tensors
-from ticketlab.trainer import train
+from ticketlab.train.trainer import train
+from ticketlab.zoo.data import load_dataset
+from ticketlab.zoo.models import build_model
 
 
 def level_files(run: Path) -> dict[str, object]:

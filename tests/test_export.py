@@ -5,9 +5,9 @@ import torch
 
 from ticketlab.api import run_search
 from ticketlab.cli import main
-from ticketlab.config import resolve
-from ticketlab.experiment import level_dir, load_masks, load_replicates
-from ticketlab.export import load_ticket
+from ticketlab.io.config import resolve
+from ticketlab.io.export import load_ticket
+from ticketlab.studies.imp import level_dir, load_masks, load_replicates
 
 
 def test_export_round_trips_and_is_smaller(tiny_settings, tmp_path, capsys):

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ticketlab.cli import app, main
-from ticketlab.config import Config
+from ticketlab.io.config import Config
 
 FIND = typer.main.get_command(app).commands["find"]
 VALUE_FLAGS = [opt for p in FIND.params if not p.is_flag for opt in p.opts]

@@ -6,7 +6,7 @@ import pytest
 
 from ticketlab.cli import main
 from ticketlab.errors import TicketlabError
-from ticketlab.grid import METRICS, SUPERMASK_ROWS, run_grid
+from ticketlab.studies.grid import METRICS, SUPERMASK_ROWS, run_grid
 
 TINY = {
     "model": "lenet_300_100",

@@ -2,10 +2,10 @@
 
 import torch
 
-from ticketlab.criteria import large_final
-from ticketlab.mask import Mask, layer_kinds, prunable_names
-from ticketlab.models import build_model
-from ticketlab.pruning import prune, prune_global, prune_layerwise, random_mask_like
+from ticketlab.core.criteria import large_final
+from ticketlab.core.mask import Mask, layer_kinds, prunable_names
+from ticketlab.core.pruning import prune, prune_global, prune_layerwise, random_mask_like
+from ticketlab.zoo.models import build_model
 
 
 def _scores(mask: Mask, seed: int = 0) -> dict[str, torch.Tensor]:

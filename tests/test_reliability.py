@@ -48,8 +48,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ticketlab.cli import main
-from ticketlab.config import resolve
-from ticketlab.store import TMP_PREFIX, RunStore, atomic_write_bytes, read_checked_tensors
+from ticketlab.io.config import resolve
+from ticketlab.io.store import TMP_PREFIX, RunStore, atomic_write_bytes, read_checked_tensors
 
 SETTINGS = {
     "model": "lenet_300_100",
@@ -432,7 +432,7 @@ def test_sigkill_inside_a_write_leaves_the_previous_file(tmp_path):
     code = f"""
 import os, signal
 from pathlib import Path
-from ticketlab.store import atomic_write_bytes
+from ticketlab.io.store import atomic_write_bytes
 target = Path({str(target)!r})
 atomic_write_bytes(target, b"old")
 os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)

@@ -12,7 +12,7 @@ import pytest
 
 from report_fixtures import make_fake_run, remaining
 from ticketlab.errors import TicketlabError
-from ticketlab.report import (
+from ticketlab.io.report import (
     accuracy_figure,
     curves_figure,
     early_stop_figure,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from report_fixtures import make_fake_run
-from ticketlab.report import write_report
+from ticketlab.io.report import write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

@@ -21,11 +21,11 @@ from test_trainer import (
     spec,
     state_of,
 )
-from ticketlab.mask import Mask, prunable_names
-from ticketlab.models import build_model
-from ticketlab.sparse_linear import BlockPattern, sparse_linear
-from ticketlab.stacked import SequentialStack, stack_networks
-from ticketlab.trainer import Job, train, train_stack
+from ticketlab.core.mask import Mask, prunable_names
+from ticketlab.train.sparse_linear import BlockPattern, sparse_linear
+from ticketlab.train.stacked import SequentialStack, stack_networks
+from ticketlab.train.trainer import Job, train, train_stack
+from ticketlab.zoo.models import build_model
 
 SPARSE_SPARSITIES = (0.9, 0.95, 0.99)
 

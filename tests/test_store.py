@@ -30,10 +30,10 @@ from hypothesis import strategies as st
 from ticketlab import api
 from ticketlab.api import run_search
 from ticketlab.cli import main
-from ticketlab.config import resolve
 from ticketlab.errors import TicketlabError
-from ticketlab.experiment import StoreCheckpointer
-from ticketlab.store import TMP_PREFIX, RunStore, atomic_write_bytes, read_checked_tensors
+from ticketlab.io.config import resolve
+from ticketlab.io.store import TMP_PREFIX, RunStore, atomic_write_bytes, read_checked_tensors
+from ticketlab.studies.imp import StoreCheckpointer
 
 SETTINGS = {
     "model": "lenet_300_100",

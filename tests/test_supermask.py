@@ -7,11 +7,9 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from ticketlab.data import load_dataset
+from ticketlab.core.mask import prunable_names
 from ticketlab.errors import TicketlabError
-from ticketlab.mask import prunable_names
-from ticketlab.models import build_model
-from ticketlab.supermask import (
+from ticketlab.train.supermask import (
     BernoulliST,
     TopKST,
     default_spec,
@@ -21,7 +19,9 @@ from ticketlab.supermask import (
     learned_supermask,
     n_keep,
 )
-from ticketlab.trainer import TrainSpec
+from ticketlab.train.trainer import TrainSpec
+from ticketlab.zoo.data import load_dataset
+from ticketlab.zoo.models import build_model
 
 
 @pytest.fixture(scope="module")

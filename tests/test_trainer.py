@@ -13,11 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from ticketlab import stacked, trainer
-from ticketlab.data import Dataset, load_dataset
-from ticketlab.mask import Mask, prunable_names
-from ticketlab.models import build_model
-from ticketlab.stacked import (
+from ticketlab.core.mask import Mask, prunable_names
+from ticketlab.train import stacked, trainer
+from ticketlab.train.stacked import (
     NotStackable,
     SequentialStack,
     SingleNetwork,
@@ -26,7 +24,9 @@ from ticketlab.stacked import (
     max_stack_size,
     stack_networks,
 )
-from ticketlab.trainer import Job, Result, TrainSpec, chunk_count, train, train_stack
+from ticketlab.train.trainer import Job, Result, TrainSpec, chunk_count, train, train_stack
+from ticketlab.zoo.data import Dataset, load_dataset
+from ticketlab.zoo.models import build_model
 
 TOL = 1e-10
 # enough steps to cross epoch boundaries (every 8 steps), few enough for float64 convolutions

@@ -25,15 +25,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 
 from . import __version__
-from .config import Config, load_toml, resolve
-from .data import Dataset, load_dataset, split_validation
+from .core.mask import Mask
 from .errors import TicketlabError
-from .experiment import Setup, load_masks, load_rewind, run_imp, total_steps
-from .mask import Mask
-from .models import build_model
-from .stacked import State
-from .store import TMP_PREFIX, RunStore, atomic_write_bytes
-from .summary import answer_line, summarize, table
+from .io.config import Config, load_toml, resolve
+from .io.store import TMP_PREFIX, RunStore, atomic_write_bytes
+from .io.summary import answer_line, summarize, table
+from .studies.imp import Setup, load_masks, load_rewind, run_imp, total_steps
+from .train.stacked import State
+from .zoo.data import Dataset, load_dataset, split_validation
+from .zoo.models import build_model
 
 
 @dataclass(frozen=True)
@@ -145,11 +145,11 @@ def run_search(
         summary = summarize(levels, config.tolerance_pp)
         store.write_json("summary.json", summary)
         if config.report:
-            from .report import write_report
+            from .io.report import write_report
 
             write_report([store.root])
         if config.tensorboard:
-            from .report import log_tensorboard
+            from .io.report import log_tensorboard
 
             log_tensorboard(store.root)
     return TicketSearch(store.root, config, levels, summary)

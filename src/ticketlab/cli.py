@@ -72,7 +72,7 @@ def find(
 ) -> None:
     """Iterative magnitude pruning with the paper's controls; prints the table and the answer."""
     from .api import print_result, run_search
-    from .config import load_toml, resolve
+    from .io.config import load_toml, resolve
 
     flags: dict[str, Any] = {
         "model": model,
@@ -118,7 +118,7 @@ def find(
 @app.command()
 def models() -> None:
     """List the registered models."""
-    from .models import MODELS
+    from .zoo.models import MODELS
 
     out = Table("model", "description")
     for name, builder in MODELS.items():
@@ -129,7 +129,7 @@ def models() -> None:
 @app.command()
 def datasets() -> None:
     """List the registered data sets."""
-    from .data import DATASETS, DESCRIPTIONS
+    from .zoo.data import DATASETS, DESCRIPTIONS
 
     out = Table("data set", "description")
     for name in DATASETS:
@@ -143,7 +143,7 @@ def report(
     out: Annotated[Path | None, Opt(help="Where to write the report.")] = None,
 ) -> None:
     """Figures, tables and an HTML page from one run folder, or several overlaid."""
-    from .report import write_report
+    from .io.report import write_report
 
     for run in runs:
         if not (run / "config.toml").is_file():
@@ -164,7 +164,7 @@ def export(
 ) -> None:
     """The ticket as a compact sparse file, with its measured size and speed."""
     from .api import resolve_saved
-    from .export import export_ticket
+    from .io.export import export_ticket
 
     if not (run / "config.toml").is_file():
         raise TicketlabError(f"{run} is not a ticketlab run folder (no config.toml)")
@@ -213,7 +213,7 @@ def compare(
     """Zhou et al.'s grid: mask criterion x reset x sparsity (one-shot), plus supermasks."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .grid import parse_names, parse_sparsities, run_grid, tables, total_steps, validate
+    from .studies.grid import parse_names, parse_sparsities, run_grid, tables, total_steps, validate
 
     settings: dict[str, Any] = {
         "criteria": parse_names(criteria, "criteria"),

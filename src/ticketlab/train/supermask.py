@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Dataset
-from .errors import TicketlabError
-from .experiment import derive_seed
-from .mask import Mask, prunable_names
-from .pruning import prune_layerwise
+from ..core.mask import Mask, prunable_names
+from ..core.pruning import prune_layerwise
+from ..errors import TicketlabError
+from ..studies.imp import derive_seed
+from ..zoo.data import Dataset
 from .stacked import State, max_stack_size, stack_networks
 from .trainer import Batches, TrainSpec, loss_and_accuracy, make_optimizer
 

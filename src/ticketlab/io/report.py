@@ -35,7 +35,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .errors import TicketlabError
+from ..errors import TicketlabError
 from .store import atomic_write_bytes
 from .summary import answer_line, summarize
 
@@ -708,7 +708,7 @@ def report_html(runs: Sequence[RunData], figures: Sequence[tuple[str, str]]) -> 
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 

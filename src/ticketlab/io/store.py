@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import TicketlabError
+from ..errors import TicketlabError
 
 CHECKSUM_KEY = "_checksum"
 CONFIG_HASH_KEY = "_config_hash"

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .errors import TicketlabError
+from ..errors import TicketlabError
 
 ModelBuilder = Callable[[tuple[int, ...], int], nn.Sequential]
 

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import TicketlabError
+from ..studies.imp import level_dir, load_masks, load_replicates, load_rewind
+from ..zoo.models import build_model
 from .config import Config
-from .errors import TicketlabError
-from .experiment import level_dir, load_masks, load_replicates, load_rewind
-from .models import build_model
 from .store import RunStore, read_checked_tensors
 
 

@@ -20,9 +20,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .criteria import CRITERIA
-from .errors import TicketlabError
-from .resets import RESETS
+from ..core.criteria import CRITERIA
+from ..core.resets import RESETS
+from ..errors import TicketlabError
 
 CONTROLS = ("reinit", "random_prune")
 
@@ -156,8 +156,8 @@ def load_toml(path: Path) -> dict[str, Any]:
 
 
 def validate(c: Config) -> None:
-    from .data import DATASETS
-    from .models import MODELS
+    from ..zoo.data import DATASETS
+    from ..zoo.models import MODELS
 
     def need(cond: bool, message: str) -> None:
         if not cond:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import TicketlabError
+from ..errors import TicketlabError
 
 Reset = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 

@@ -16,16 +16,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import Config
-from .criteria import get_criterion
-from .data import Dataset
-from .errors import TicketlabError
-from .mask import Mask, layer_kinds, prunable_names
-from .pruning import prune, random_mask_like
-from .resets import get_reset
-from .stacked import State
-from .store import RunStore
-from .trainer import Job, Progress, Result, TrainSpec, chunk_count, train
+from ..core.criteria import get_criterion
+from ..core.mask import Mask, layer_kinds, prunable_names
+from ..core.pruning import prune, random_mask_like
+from ..core.resets import get_reset
+from ..errors import TicketlabError
+from ..io.config import Config
+from ..io.store import RunStore
+from ..train.stacked import State
+from ..train.trainer import Job, Progress, Result, TrainSpec, chunk_count, train
+from ..zoo.data import Dataset
 
 InitState = Callable[[int], State]
 

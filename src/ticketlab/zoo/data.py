@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import TicketlabError
+from ..errors import TicketlabError
 
 
 @dataclass(frozen=True)

@@ -34,19 +34,19 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from .config import Config, resolve
-from .criteria import get_criterion
-from .data import load_dataset
-from .errors import TicketlabError
-from .experiment import derive_seed, train_spec
-from .mask import Mask, layer_kinds, prunable_names
-from .models import build_model
-from .pruning import prune_layerwise
-from .resets import get_reset
-from .stacked import State
-from .store import atomic_write_bytes
-from .supermask import SupermaskResult, default_spec, find_supermasks
-from .trainer import Job, Result, TrainSpec, train
+from ..core.criteria import get_criterion
+from ..core.mask import Mask, layer_kinds, prunable_names
+from ..core.pruning import prune_layerwise
+from ..core.resets import get_reset
+from ..errors import TicketlabError
+from ..io.config import Config, resolve
+from ..io.store import atomic_write_bytes
+from ..train.stacked import State
+from ..train.supermask import SupermaskResult, default_spec, find_supermasks
+from ..train.trainer import Job, Result, TrainSpec, train
+from ..zoo.data import load_dataset
+from ..zoo.models import build_model
+from .imp import derive_seed, train_spec
 
 DEFAULT_CRITERIA = ("large_final", "magnitude_increase", "random", "small_final")
 DEFAULT_RESETS = (

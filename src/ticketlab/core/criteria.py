@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import TicketlabError
+from ..errors import TicketlabError
 
 Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 

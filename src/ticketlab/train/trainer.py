@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Dataset
-from .mask import Mask
+from ..core.mask import Mask
+from ..zoo.data import Dataset
 from .sparse_linear import SPARSE_BELOW
 from .stacked import (
     Stack,

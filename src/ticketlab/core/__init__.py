@@ -1,0 +1,1 @@
+"""What a ticket is: masks, pruning, mask criteria, resets."""

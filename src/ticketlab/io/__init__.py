@@ -1,0 +1,1 @@
+"""What is kept and shown: the run folder, configs, reports, exports, summaries."""

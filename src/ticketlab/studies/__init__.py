@@ -1,0 +1,1 @@
+"""Experiments, one module each; a study never imports another study."""

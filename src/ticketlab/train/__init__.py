@@ -1,0 +1,1 @@
+"""How networks train: K masked networks side by side, dense or sparse, and supermasks."""

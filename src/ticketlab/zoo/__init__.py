@@ -1,0 +1,1 @@
+"""What networks train on: the model and data-set registries."""
