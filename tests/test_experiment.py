@@ -10,15 +10,9 @@ import torch
 from ticketlab import api
 from ticketlab.api import run_search
 from ticketlab.io.config import resolve
+from ticketlab.io.run_files import level_dir, load_masks, load_replicates, load_rewind
 from ticketlab.io.store import read_checked_tensors
-from ticketlab.studies.imp import (
-    Setup,
-    branch_jobs,
-    level_dir,
-    load_masks,
-    load_replicates,
-    load_rewind,
-)
+from ticketlab.studies.imp import Setup, branch_jobs
 from ticketlab.train.trainer import train
 from ticketlab.zoo.data import load_dataset
 from ticketlab.zoo.models import build_model

@@ -7,7 +7,7 @@ from ticketlab.api import run_search
 from ticketlab.cli import main
 from ticketlab.io.config import resolve
 from ticketlab.io.export import load_ticket
-from ticketlab.studies.imp import level_dir, load_masks, load_replicates
+from ticketlab.io.run_files import level_dir, load_masks, load_replicates
 
 
 def test_export_round_trips_and_is_smaller(tiny_settings, tmp_path, capsys):

@@ -28,9 +28,10 @@ from . import __version__
 from .core.mask import Mask
 from .errors import TicketlabError
 from .io.config import Config, load_toml, resolve
+from .io.run_files import load_masks, load_rewind
 from .io.store import TMP_PREFIX, RunStore, atomic_write_bytes
 from .io.summary import answer_line, summarize, table
-from .studies.imp import Setup, load_masks, load_rewind, run_imp, total_steps
+from .studies.imp import Setup, run_imp, total_steps
 from .train.stacked import State
 from .zoo.data import Dataset, load_dataset, split_validation
 from .zoo.models import build_model

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ..errors import TicketlabError
-from ..studies.imp import level_dir, load_masks, load_replicates, load_rewind
 from ..zoo.models import build_model
 from .config import Config
+from .run_files import level_dir, load_masks, load_replicates, load_rewind
 from .store import RunStore, read_checked_tensors
 
 

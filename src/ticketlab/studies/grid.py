@@ -38,6 +38,7 @@ from ..core.criteria import get_criterion
 from ..core.mask import Mask, layer_kinds, prunable_names
 from ..core.pruning import prune_layerwise
 from ..core.resets import get_reset
+from ..core.seeds import derive_seed
 from ..errors import TicketlabError
 from ..io.config import Config, resolve
 from ..io.store import atomic_write_bytes
@@ -46,7 +47,7 @@ from ..train.supermask import SupermaskResult, default_spec, find_supermasks
 from ..train.trainer import Job, Result, TrainSpec, train
 from ..zoo.data import load_dataset
 from ..zoo.models import build_model
-from .imp import derive_seed, train_spec
+from .common import train_spec
 
 DEFAULT_CRITERIA = ("large_final", "magnitude_increase", "random", "small_final")
 DEFAULT_RESETS = (

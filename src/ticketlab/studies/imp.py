@@ -8,7 +8,6 @@ run take exactly the same path.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,23 +19,21 @@ from ..core.criteria import get_criterion
 from ..core.mask import Mask, layer_kinds, prunable_names
 from ..core.pruning import prune, random_mask_like
 from ..core.resets import get_reset
+from ..core.seeds import derive_seed
 from ..errors import TicketlabError
 from ..io.config import Config
+from ..io.run_files import level_dir, load_masks, load_replicates, load_rewind
 from ..io.store import RunStore
 from ..train.stacked import State
 from ..train.trainer import Job, Progress, Result, TrainSpec, chunk_count, train
 from ..zoo.data import Dataset
+from .common import train_spec
 
 InitState = Callable[[int], State]
 
 
 def _warn_stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any tuple of names and numbers, stable across processes."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
 @dataclass(frozen=True)
@@ -65,27 +62,6 @@ class Setup:
 
     def stack_size(self) -> int | None:
         return (self.config.stack_size or None) if self.config.batch else 1
-
-
-def train_spec(c: Config) -> TrainSpec:
-    """The trainer's hyperparameters out of a config."""
-    return TrainSpec(
-        steps=c.steps,
-        batch_size=c.batch_size,
-        optimizer=c.optimizer,
-        lr=c.lr,
-        momentum=c.momentum,
-        weight_decay=c.weight_decay,
-        eval_every=c.eval_every,
-        milestones=tuple(c.milestones),
-        gamma=c.gamma,
-        warmup_steps=c.warmup_steps,
-        dtype=c.dtype,
-    )
-
-
-def level_dir(level: int) -> str:
-    return f"levels/level_{level:02d}"
 
 
 def run_imp(setup: Setup, progress: Progress | None = None) -> list[dict]:
@@ -263,23 +239,6 @@ def save_level(
 def remove_checkpoints(store: RunStore, level: int) -> None:
     for path in store.path(level_dir(level)).glob("checkpoint_*.safetensors"):
         path.unlink(missing_ok=True)
-
-
-def load_replicates(store: RunStore, rel: str, c: Config) -> list[State]:
-    tensors, _ = store.read_tensors(rel)
-    states: list[State] = [{} for _ in range(c.replicates)]
-    for key, tensor in tensors.items():
-        r, _, name = key.partition("/")
-        states[int(r[1:])][name] = tensor
-    return states
-
-
-def load_rewind(store: RunStore, c: Config) -> list[State]:
-    return load_replicates(store, "rewind.safetensors", c)
-
-
-def load_masks(store: RunStore, level: int, c: Config) -> list[Mask]:
-    return [Mask(s) for s in load_replicates(store, f"{level_dir(level)}/masks.safetensors", c)]
 
 
 def total_steps(c: Config) -> int:

@@ -44,8 +44,8 @@ from torch import nn
 
 from ..core.mask import Mask, prunable_names
 from ..core.pruning import prune_layerwise
+from ..core.seeds import derive_seed
 from ..errors import TicketlabError
-from ..studies.imp import derive_seed
 from ..zoo.data import Dataset
 from .stacked import State, max_stack_size, stack_networks
 from .trainer import Batches, TrainSpec, loss_and_accuracy, make_optimizer
