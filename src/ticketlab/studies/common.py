@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from ..io.config import Config
+from ..train.device import placement
 from ..train.trainer import TrainSpec
 
 
 def train_spec(c: Config) -> TrainSpec:
-    """The trainer's hyperparameters out of a config."""
+    """The trainer's hyperparameters out of a config, on the device it names (resolved and checked
+    against the precision here, so ``auto``, an unavailable GPU or fp16 on a CPU are settled
+    before anything trains)."""
     return TrainSpec(
         steps=c.steps,
         batch_size=c.batch_size,
@@ -20,4 +23,6 @@ def train_spec(c: Config) -> TrainSpec:
         gamma=c.gamma,
         warmup_steps=c.warmup_steps,
         dtype=c.dtype,
+        device=str(placement(c.device, c.precision, c.dtype).device),
+        precision=c.precision,
     )

@@ -44,7 +44,7 @@ from ..io.config import Config, resolve
 from ..io.store import atomic_write_bytes
 from ..train.stacked import State
 from ..train.supermask import SupermaskResult, default_spec, find_supermasks
-from ..train.trainer import Job, Result, TrainSpec, train
+from ..train.trainer import Job, Result, TrainSpec, place_data, train
 from ..zoo.data import load_dataset
 from ..zoo.models import build_model
 from .common import train_spec
@@ -107,6 +107,8 @@ def validate(
     supermask_rescale: bool = False,
     out: str | Path | None = None,
     lr: float | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
 ) -> Config:
     """Every check, before anything is trained or written; returns the model's training settings."""
     if out is not None and Path(out).exists() and not Path(out).is_dir():
@@ -134,6 +136,8 @@ def validate(
         "replicates": replicates,
         "steps": steps,
         "seed": seed,
+        "device": device,
+        "precision": precision,
     }
     if eval_every is not None:
         settings["eval_every"] = eval_every
@@ -166,6 +170,8 @@ def run_grid(
     stack_size: int | None = None,
     out: str | Path | None = None,
     progress: Progress | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Run the grid; returns what ``grid.json`` holds and, with ``out``, writes it and ``grid.md``.
 
@@ -190,11 +196,15 @@ def run_grid(
         stack_size=stack_size,
         out=out,
         lr=lr,
+        device=device,
+        precision=precision,
     )
     started = time.perf_counter()
+    spec = _train_spec(c, eval_every)
     dataset = load_dataset(c.data, c.val_fraction, c.seed)
     template = build_model(c.model, dataset.input_shape, dataset.num_classes, seed=0)
-    spec = _train_spec(c, eval_every)
+    # moved to the device once; the supermask rows (their own trainer) stay on the CPU
+    placed = place_data(dataset, getattr(torch, spec.dtype), torch.device(spec.device))
     names = prunable_names(template)
     dense_mask = Mask.ones_like({n: t for n, t in template.state_dict().items() if n in names})
 
@@ -211,7 +221,7 @@ def run_grid(
     dense = train(
         template,
         [Job(inits[r], dense_mask, data_seeds[r]) for r in range(replicates)],
-        dataset,
+        placed,
         spec,
         stack_size=size,
         progress=progress,
@@ -221,7 +231,7 @@ def run_grid(
     cells, jobs = _one_shot_jobs(
         template, inits, fresh, dense, data_seeds, criteria, resets, sparsities, seed
     )
-    results = train(template, jobs, dataset, spec, stack_size=size, progress=progress)
+    results = train(template, jobs, placed, spec, stack_size=size, progress=progress)
     for i, cell in enumerate(cells):
         cell.update(_aggregate(results[i * replicates : (i + 1) * replicates]))
 

@@ -146,8 +146,8 @@ def _make_job(
 def train_level(
     setup: Setup, level: int, jobs: list[Job], progress: Progress | None
 ) -> list[Result]:
-    size = setup.stack_size()
-    chunks = chunk_count(setup.template, len(jobs), size)
+    size, spec = setup.stack_size(), setup.spec()
+    chunks = chunk_count(setup.template, len(jobs), size, device=spec.device)
     checkpointers = [
         StoreCheckpointer(
             setup.store,
@@ -161,7 +161,7 @@ def train_level(
         setup.template,
         jobs,
         setup.data,
-        setup.spec(),
+        spec,
         stack_size=size,
         progress=progress,
         checkpointers=checkpointers,
@@ -218,6 +218,10 @@ def save_level(
     store.write_tensors(
         f"{where}/ticket_final.safetensors",
         {f"r{r}/{n}": t for r, _, res in tickets for n, t in res.final.items()},
+    )
+    store.write_tensors(  # the weights behind early_stop_test_acc (what `export` ships)
+        f"{where}/ticket_early_stop.safetensors",
+        {f"r{r}/{n}": t for r, _, res in tickets for n, t in (res.early_stop or {}).items()},
     )
     ticket_mask = tickets[0][1].mask
     networks = [
