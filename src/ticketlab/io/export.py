@@ -219,11 +219,18 @@ def load_state(module: nn.Module, state: State, what: str) -> nn.Module:
     return module
 
 
+#: Linear layers with fewer weights than this stay dense in ``sparse_inference``: a call of
+#: theirs is mostly overhead, and a CSR call has more of it (LeNet-300-100's 300x100 and 100x10
+#: layers are faster dense at batch 1 and 256 on this CPU; benchmarks/export_speed.py).
+SPARSE_MIN_WEIGHTS = 2**17
+
+
 class SparseLinear(nn.Module):
     """``nn.Linear`` with its weight held as CSR (survivors only); inference only.
 
-    ``y = x W^T + b`` as ``(W @ x^T)^T``: CSR times a dense matrix is the product MKL does well.
-    Any leading dimensions of ``x`` are flattened around it, as ``nn.Linear`` allows."""
+    ``y = x W^T + b`` as ``(W @ x^T)^T``: CSR times a dense matrix is the product MKL does well;
+    one input row goes through ``addmv``, the cheapest sparse call. Leading dimensions of ``x``
+    are flattened around it, as ``nn.Linear`` allows."""
 
     def __init__(self, layer: nn.Linear):
         super().__init__()
@@ -231,16 +238,20 @@ class SparseLinear(nn.Module):
             warnings.simplefilter("ignore")
             self.weight = layer.weight.detach().to_sparse_csr()
         self.bias = None if layer.bias is None else layer.bias.detach().clone()
+        self.bias_column = None if self.bias is None else self.bias.unsqueeze(1)
         self.in_features, self.out_features = layer.in_features, layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        xt = x.reshape(-1, self.in_features).t()
-        if self.bias is None:
-            y = self.weight @ xt
-        else:
-            y = torch.addmm(self.bias.unsqueeze(1), self.weight, xt)
-        return y.t().reshape(*lead, self.out_features)
+        if x.dim() != 2:
+            lead = x.shape[:-1]
+            return self.forward(x.reshape(-1, self.in_features)).reshape(*lead, -1)
+        if x.shape[0] == 1:
+            if self.bias is None:
+                return (self.weight @ x[0]).unsqueeze(0)
+            return torch.addmv(self.bias, self.weight, x[0]).unsqueeze(0)
+        if self.bias_column is None:
+            return (self.weight @ x.t()).t()
+        return torch.addmm(self.bias_column, self.weight, x.t()).t()
 
     def extra_repr(self) -> str:
         nnz = self.weight.values().numel()
@@ -249,15 +260,21 @@ class SparseLinear(nn.Module):
 
 
 def sparse_inference(
-    model: nn.Module, names: list[str] | None = None, below: float = 0.5
+    model: nn.Module,
+    names: list[str] | None = None,
+    below: float = 0.5,
+    min_weights: int = SPARSE_MIN_WEIGHTS,
 ) -> nn.Module:
     """A copy of ``model`` (any module graph) for CPU inference in which every ``nn.Linear``
     whose weight is in ``names`` (default: whose weight keeps less than ``below`` of its
-    entries) is a ``SparseLinear``; everything else is untouched."""
+    entries) and has at least ``SPARSE_MIN_WEIGHTS`` weights is a ``SparseLinear``; everything
+    else is untouched."""
     sparse = copy.deepcopy(model).eval()
     chosen = []
     for name, layer in sparse.named_modules():
         if not isinstance(layer, nn.Linear) or layer.weight.device.type != "cpu":
+            continue
+        if layer.weight.numel() < min_weights:
             continue
         key = f"{name}.weight" if name else "weight"
         if names is not None:
