@@ -226,3 +226,24 @@ def test_tiny_end_to_end_training_of_each_model(name):
     if name.startswith("resnet20"):
         (again,) = train(template, jobs, data, spec)
         assert all(torch.equal(result.final[k], again.final[k]) for k in result.final)
+
+
+def test_find_on_resnet20_end_to_end_masks_only_conv_weights(tmp_path, capsys):
+    """The CLI path with the preset: one IMP level of a tiny ResNet-20 on the 32x32 digits."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    code = main(
+        ["find", "--model", "resnet20:width=0.125", "--data", "mnist5k_32", "--levels", "1",
+         "--replicates", "1", "--steps", "4", "--batch-size", "32", "--eval-every", "2",
+         "--milestones", "3", "--no-controls", "--no-report", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    masks = load_file(out / "levels" / "level_01" / "masks.safetensors")
+    assert masks and all(
+        ".conv" in k or ".shortcut.0." in k or k == "r0/conv.weight" for k in masks
+    )
+    assert not any("bn" in k or "fc" in k or "shortcut.1" in k for k in masks)
+    alive = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    assert alive == total - round(0.2 * total)  # global: 20% of all conv weights, in one ranking

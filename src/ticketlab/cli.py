@@ -248,7 +248,7 @@ def compare(
         "resets": parse_names(resets, "resets"),
         "sparsities": parse_sparsities(sparsities),
         "replicates": replicates,
-        "steps": _count(steps),
+        "steps": steps,
         "supermask": supermask,
         "supermask_steps": supermask_steps,
         "supermask_rescale": supermask_rescale,
