@@ -25,4 +25,5 @@ def train_spec(c: Config) -> TrainSpec:
         dtype=c.dtype,
         device=str(placement(c.device, c.precision, c.dtype).device),
         precision=c.precision,
+        augment=c.augment,
     )
