@@ -107,7 +107,9 @@ def rate(name: str, shape, k: int, precision: str, device: str, steps: int) -> f
         train_stack(template, jobs, data, replace(spec, steps=n))
         _sync(device)
         times.append(time.perf_counter() - started)
-    return k * (steps - 2) / max(times[1] - times[0], 1e-9)
+    if times[1] > times[0]:
+        return k * (steps - 2) / (times[1] - times[0])
+    return k * steps / times[1]  # too few steps to tell start-up apart (--quick, a loaded CPU)
 
 
 def _sync(device: str) -> None:

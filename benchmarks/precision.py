@@ -122,6 +122,9 @@ def main() -> None:
     parser.add_argument("--replicates", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved throughput repeats")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument(
+        "--models", default="", help="accuracy of these only (comma-separated; '' = both)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.lenet_steps, args.conv2_steps, args.rounds = 20, 10, 1
@@ -131,6 +134,8 @@ def main() -> None:
         f"CPU bf16 (AVX-512 BF16): {torch.backends.mkldnn.is_available()}"
     )
     results: dict = {"steps": {"lenet_300_100": args.lenet_steps, "conv2": args.conv2_steps}}
+    if args.models:
+        results["steps"] = {m: results["steps"][m] for m in args.models.split(",")}
     with tempfile.TemporaryDirectory(prefix="ticketlab-precision-") as tmp:
         for model, steps in results["steps"].items():
             results[model] = accuracy(model, steps, args.replicates, Path(tmp))

@@ -226,3 +226,21 @@ def test_cuda_run_resumes_on_cpu(tiny_settings):  # pragma: no cover - no GPU on
     for res in (gpu, cpu):
         final = load_replicates(res.store, f"{level_dir(1)}/ticket_final.safetensors", res.config)
         assert {t.device.type for s in final for t in s.values()} == {"cpu"}
+
+
+def _gpu_check():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(CUDA, reason="checks the message of a machine without CUDA")
+def test_gpu_check_without_cuda_says_so_in_one_line(capsys):
+    assert _gpu_check().main([]) == 0
+    out = capsys.readouterr().out
+    assert "no CUDA device" in out and len(out.strip().splitlines()) == 1
