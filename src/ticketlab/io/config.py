@@ -72,7 +72,12 @@ class Config:
     def identity(self) -> dict[str, Any]:
         """The fields that determine the results."""
         runtime = {"out", "stack_size", "batch", "checkpoint_every", "tensorboard", "report"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime}
+        identity = {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime}
+        if self.rewind_step:
+            # Pruned levels train from step k to T with the schedule at step k (late rewinding);
+            # folders written when they restarted the schedule at 0 must not resume as this.
+            identity["late_rewinding"] = 1
+        return identity
 
     def hash(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True).encode()
