@@ -87,6 +87,10 @@ class Config:
             del identity["augment"]
         if self.precision == "fp32":  # the default: hashes of runs made before it stay
             del identity["precision"]
+        if self.rewind_step:
+            # Pruned levels train from step k to T with the schedule at step k (late rewinding);
+            # folders written when they restarted the schedule at 0 must not resume as this.
+            identity["late_rewinding"] = 1
         return identity
 
     def hash(self) -> str:
