@@ -246,6 +246,71 @@ def compare(
     console.print(f"Saved {Path(out) / 'grid.json'} and {Path(out) / 'grid.md'}")
 
 
+@app.command()
+def stability(
+    run: Annotated[Path, typer.Argument(help="Run folder of `ticketlab find`.")],
+    level: Annotated[int, Opt(help="Level to analyse (0 = the dense network).")] = 0,
+    k: Annotated[str, Opt("--k", help="Comma-separated rewind steps.")] = "0,25,100,500",
+    replicates: Annotated[int | None, Opt(help="Replicates (default: all of the run).")] = None,
+    controls: Annotated[
+        bool, Opt("--controls/--no-controls", help="Also random-prune and reinit (levels >= 1).")
+    ] = True,
+    points: Annotated[int, Opt(help="Evenly spaced points on the path.")] = 30,
+    bn_stats: Annotated[
+        str, Opt(help="BatchNorm statistics on the path: interpolate or reestimate.")
+    ] = "interpolate",
+    bn_batches: Annotated[int, Opt(help="Training batches that re-estimate them.")] = 20,
+    name: Annotated[str, Opt(help="Subfolder of the run for the results.")] = "stability",
+    stack_size: Annotated[int | None, Opt(help="Networks trained side by side (0 = auto).")] = None,
+) -> None:
+    """Instability analysis (Frankle et al. 2020): the error barrier between two copies trained
+    from step k with different data orders; rerun to resume."""
+    from .studies import stability as st
+
+    settings = st.Settings(
+        level,
+        st.parse_ks(k),
+        replicates,
+        controls,
+        points,
+        bn_stats,
+        bn_batches,
+        name,
+        stack_size or None,
+    )
+    opened = st.open_run(run)
+    st.validate(opened, settings)
+    with opened.store.lock(), _bar("stability", st.total_steps(opened, settings)) as advance:
+        st.run_stability(opened, settings, advance)
+        figures = st.write_outputs(opened, name)
+    console = Console(width=None if Console().is_terminal else 160)
+    console.print(st.markdown(st.summarize(opened, name)), markup=False, highlight=False)
+    for figure in figures:
+        console.print(f"Saved {figure}", markup=False, highlight=False)
+
+
+def _bar(label: str, total: int):
+    """A progress bar on stderr; the context yields the function that advances it."""
+    import contextlib
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    @contextlib.contextmanager
+    def bar():
+        progress = Progress(
+            TextColumn(label),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        )
+        with progress:
+            task = progress.add_task(label, total=total)
+            yield lambda n: progress.advance(task, n)
+
+    return bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: exit 0 on success, 2 with one line on stderr for any user error."""
     err = Console(stderr=True, highlight=False, soft_wrap=True)

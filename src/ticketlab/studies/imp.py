@@ -8,7 +8,6 @@ run take exactly the same path.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,20 +19,15 @@ from ..core.mask import Mask, layer_kinds, prunable_names
 from ..core.pruning import prune, random_mask_like
 from ..core.resets import get_reset
 from ..core.seeds import derive_seed
-from ..errors import TicketlabError
 from ..io.config import Config
 from ..io.run_files import level_dir, load_masks, load_replicates, load_rewind
 from ..io.store import RunStore
 from ..train.stacked import State
 from ..train.trainer import Job, Progress, Result, TrainSpec, chunk_count, train
 from ..zoo.data import Dataset
-from .common import train_spec
+from .common import StoreCheckpointer, _warn_stderr, data_seed, init_seed, train_spec
 
 InitState = Callable[[int], State]
-
-
-def _warn_stderr(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -100,8 +94,8 @@ def branch_jobs(
     jobs = []
     for branch in branches(c, level):
         for r in range(c.replicates):
-            data_seed = derive_seed(c.seed, "data", r, level, branch)
-            job = _make_job(setup, level, branch, r, masks[r], rewind, data_seed)
+            seed = data_seed(c, r, level, branch)
+            job = _make_job(setup, level, branch, r, masks[r], rewind, seed)
             jobs.append((branch, r, job))
     return jobs
 
@@ -126,7 +120,7 @@ def _make_job(
 ) -> Job:
     c = setup.config
     if rewinds is None:  # the dense network: its weights at rewind_step become the rewind point
-        init = setup.init_state(derive_seed(c.seed, "init", r))
+        init = setup.init_state(init_seed(c, r))
         return Job(init, mask, data_seed, snapshot_step=c.rewind_step)
     rewind = rewinds[r]
     reset_name = {"ticket": c.reset, "reinit": "reinit", "random_prune": "rewind"}[branch]
@@ -172,35 +166,6 @@ def train_level(
         progress=progress,
         checkpointers=checkpointers,
     )
-
-
-@dataclass
-class StoreCheckpointer:
-    """Mid-level training state in the run folder (checksummed, no pickle).
-
-    A checkpoint is a cache: the level's results are a deterministic function of files already
-    verified (the rewind point, the previous level), so one that fails verification (corrupted,
-    truncated, foreign) is reported in one line, deleted, and the chunk trains from its start to
-    the same bits. Completed levels' files are never discarded: a bad one stops the run.
-    """
-
-    store: RunStore
-    rel: str
-    every: int
-    warn: Callable[[str], None] = _warn_stderr
-
-    def load(self) -> dict | None:
-        if not self.store.exists(self.rel):
-            return None
-        try:
-            return self.store.read_state(self.rel)
-        except TicketlabError as exc:
-            self.warn(f"{exc}; discarding it and retraining its networks from the level's start")
-            self.store.remove(self.rel)
-            return None
-
-    def save(self, state: dict) -> None:
-        self.store.write_state(self.rel, state)
 
 
 def save_level(
