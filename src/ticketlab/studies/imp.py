@@ -9,7 +9,7 @@ run take exactly the same path.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import torch
@@ -78,8 +78,7 @@ def run_imp(setup: Setup, progress: Progress | None = None) -> list[dict]:
             if progress:
                 progress(level_size(c, level) * level_steps(c, level))
         else:
-            rewind = load_rewind(store, c) if level else None
-            jobs = branch_jobs(setup, level, masks, rewind)
+            jobs = branch_jobs(setup, level, masks, restart_points(store, c, level))
             results = train_level(setup, level, [job for _, _, job in jobs], progress)
             save_level(setup, level, jobs, results)
         metrics.append(store.read_json(f"{level_dir(level)}/metrics.json"))
@@ -91,6 +90,32 @@ def run_imp(setup: Setup, progress: Progress | None = None) -> list[dict]:
             scores = {n: criterion(rewind[r][n], finals[r][n], g) for n in setup.prunable}
             masks[r] = prune(masks[r], scores, setup.rates(), c.scope)
     return metrics
+
+
+def restart_points(store: RunStore, c: Config, level: int) -> list[State] | None:
+    """The weights a pruned level's survivors restart from (Renda et al., arXiv 2003.02389):
+    the rewind point for ``rewind``; the previous level's trained ticket for ``lr_rewind`` and
+    ``finetune``. None for the dense level."""
+    if not level:
+        return None
+    if c.retrain == "rewind":
+        return load_rewind(store, c)
+    return load_replicates(store, f"{level_dir(level - 1)}/ticket_final.safetensors", c)
+
+
+def start_step(c: Config) -> int:
+    """Where a pruned level's schedule and data order start: the rewind step k (weights and
+    schedule back to k), or ``T - t`` when the last ``t`` steps are replayed or fine-tuned."""
+    return c.rewind_step if c.retrain == "rewind" else c.steps - c.retrain_budget()
+
+
+def level_spec(c: Config, level: int) -> TrainSpec:
+    """Fine-tuning trains at the schedule's final learning rate, held constant."""
+    spec = train_spec(c)
+    if level and c.retrain == "finetune":
+        final = spec.lr * spec.lr_factor(spec.steps - 1)
+        spec = replace(spec, lr=final, milestones=(), warmup_steps=0, cosine=False)
+    return spec
 
 
 def branch_jobs(
@@ -141,13 +166,13 @@ def _make_job(
     init = dict(rewind)
     for name in mask.names():
         init[name] = reset(rewind[name], fresh[name], mask[name], g)
-    return Job(init, mask, data_seed, start_step=c.rewind_step)
+    return Job(init, mask, data_seed, start_step=start_step(c))
 
 
 def level_steps(c: Config, level: int) -> int:
-    """Steps each network of a level trains: the pruned levels go from the rewind step to the end
+    """Steps each network of a level trains: the pruned levels go from their start step to the end
     (late rewinding: the schedule and data order continue from step k, they do not restart)."""
-    return c.steps - (c.rewind_step if level else 0)
+    return c.steps - (start_step(c) if level else 0)
 
 
 def train_level(
@@ -168,7 +193,7 @@ def train_level(
         setup.template,
         jobs,
         setup.data,
-        setup.spec(),
+        level_spec(setup.config, level),
         stack_size=size,
         progress=progress,
         checkpointers=checkpointers,
