@@ -13,6 +13,7 @@ from torch import nn
 from ticketlab.api import run_search
 from ticketlab.cli import main
 from ticketlab.io.config import resolve
+from ticketlab.io.report import write_report
 from ticketlab.studies import common
 from ticketlab.studies import stability as st
 from ticketlab.train.trainer import Job, TrainSpec, train
@@ -73,6 +74,9 @@ def test_endpoints_reproduce_the_copies_and_paths_are_complete(fresh_run):
     }
     figures = st.write_outputs(run)
     assert all(f.stat().st_size > 1000 for f in figures)
+    page = write_report([fresh_run]).read_text()
+    assert "Stability to SGD noise" in page and "stability_0_instability_vs_k.png" in page
+    assert (fresh_run / "report" / "stability_0_instability_vs_k.png").is_file()
 
 
 def test_two_identical_copies_have_instability_exactly_zero(fresh_run):

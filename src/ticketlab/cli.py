@@ -362,6 +362,10 @@ def stability(
     with opened.store.lock(), _bar("stability", st.total_steps(opened, settings)) as advance:
         st.run_stability(opened, settings, advance)
         figures = st.write_outputs(opened, name)
+        if name == "stability" and (run / "report").is_dir():
+            from .io.report import write_report
+
+            write_report([run])
     console = Console(width=None if Console().is_terminal else 160)
     console.print(st.markdown(st.summarize(opened, name)), markup=False, highlight=False)
     for figure in figures:
