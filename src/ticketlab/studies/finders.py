@@ -104,8 +104,15 @@ class Settings:
         settings["eval_every"] = self.eval_every or max(1, self.steps // 20)
         return resolve(settings)
 
+    def identity(self) -> dict[str, Any]:
+        """What every file of the run depends on. Sparsities, finders and checks are not in it:
+        each (finder, sparsity, check) has files of its own, so a rerun with more of them reuses
+        everything already there (the dense training, IMP's levels, every mask and cell)."""
+        varying = {"sparsities", "finders", "checks"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in varying}
+
     def hash(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        blob = json.dumps(self.identity(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -213,6 +220,9 @@ def run_finders(
                 found, cost = _find(run, finder, density, dense)
                 masks.setdefault(finder, {})[density] = found
                 compute.setdefault(finder, {})[density] = cost
+                if f"{finder}+invert" in variants(finder, settings.checks):
+                    inverted, _ = _find(run, finder, density, dense, invert=True)
+                    masks.setdefault(f"{finder}+invert", {})[density] = inverted
         cells = _evaluate(run, masks)
         results = _results(run, dense, cells, compute)
         write_results(Path(out), results)
@@ -247,7 +257,7 @@ def _open_store(root: Path, s: Settings) -> RunStore:
     if check_folder(root, s):
         store.read_json("settings.json")  # verifies its checksum
     else:
-        store.write_json("settings.json", {"hash": s.hash(), **dataclasses.asdict(s)})
+        store.write_json("settings.json", {"hash": s.hash(), **s.identity()})
     return store
 
 
@@ -298,35 +308,23 @@ def _dense(run: _Run) -> dict[str, Any]:
 
 
 def _find(
-    run: _Run, finder: str, density: float, dense: dict[str, Any]
+    run: _Run, finder: str, density: float, dense: dict[str, Any], invert: bool = False
 ) -> tuple[list[Mask], dict[str, Any]]:
-    """The masks of one finder at one density (one per replicate) and what finding them cost."""
-    rel = f"masks/{finder}/d{density:.6g}"
+    """The masks of one finder at one density (one per replicate) and what finding them cost
+    (``invert``: the scores' sanity check, which costs what the finder costs)."""
+    rel = f"masks/{finder}{'_invert' if invert else ''}/d{density:.6g}"
     if not run.store.exists(f"{rel}.json"):
         if finder == "imp":
             masks, cost = _imp(run, density)
         elif finder == "early_bird":
             masks, cost = _early_bird(run, density)
         else:
-            masks, cost = _score_finder(run, finder, density, dense, invert=False)
-        files = {"mask": masks}
-        if finder in SCORE_FINDERS and "invert" in run.s.checks:
-            files["inverted"], _ = _score_finder(run, finder, density, dense, invert=True)
-        tensors = {
-            f"{kind}/r{r}/{n}": m[n]
-            for kind, ms in files.items()
-            for r, m in enumerate(ms)
-            for n in m.names()
-        }
+            masks, cost = _score_finder(run, finder, density, dense, invert=invert)
+        tensors = {f"r{r}/{n}": m[n] for r, m in enumerate(masks) for n in m.names()}
         run.store.write_tensors(f"{rel}.safetensors", tensors)
         run.store.write_json(f"{rel}.json", cost)
     tensors, _ = run.store.read_tensors(f"{rel}.safetensors")
-    masks = [
-        Mask({n: tensors[f"mask/r{r}/{n}"] for n in run.names}) for r in range(run.s.replicates)
-    ]
-    if f"inverted/r0/{run.names[0]}" in tensors:
-        for r in range(run.s.replicates):
-            masks.append(Mask({n: tensors[f"inverted/r{r}/{n}"] for n in run.names}))
+    masks = [Mask({n: tensors[f"r{r}/{n}"] for n in run.names}) for r in range(run.s.replicates)]
     return masks, run.store.read_json(f"{rel}.json")
 
 
@@ -541,20 +539,17 @@ def _masked_init(init: State, mask: Mask) -> State:
 
 
 def _early_bird(run: _Run, density: float) -> tuple[list[Mask], dict[str, Any]]:
-    """One early-bird run per replicate serves every target density (written once)."""
-    rel = "early_bird"
+    """The early-bird ticket at ``density``; one training per replicate serves every density
+    not yet on disk (each stops being watched once drawn; training stops when all are)."""
+    rel = f"early_bird/d{density:.6g}"
     if not run.store.exists(f"{rel}.json"):
-        _run_early_bird(run)
+        missing = [d for d in run.densities() if not run.store.exists(f"early_bird/d{d:.6g}.json")]
+        _run_early_bird(run, missing)
     tensors, _ = run.store.read_tensors(f"{rel}.safetensors")
-    meta = run.store.read_json(f"{rel}.json")
-    key = f"{density:.6g}"
-    masks = [
-        Mask({n: tensors[f"d{key}/r{r}/{n}"] for n in run.names}) for r in range(run.s.replicates)
-    ]
-    draws = [meta["replicates"][r][key] for r in range(run.s.replicates)]
+    draws = run.store.read_json(f"{rel}.json")["replicates"]
+    masks = [Mask({n: tensors[f"r{r}/{n}"] for n in run.names}) for r in range(run.s.replicates)]
     steps = statistics.fmean(d["step"] for d in draws)
-    f_dense = run.flops(None)
-    dense_eq = training_flops(f_dense, 1, run.c.batch_size) * steps
+    dense_eq = training_flops(run.flops(None), 1, run.c.batch_size) * steps
     cost = _cost(run, 0, dense_eq, dense_eq, sum(d["seconds"] for d in draws))
     cost["train_steps"] = steps
     cost["drawn"] = [d["drawn"] for d in draws]
@@ -562,13 +557,11 @@ def _early_bird(run: _Run, density: float) -> tuple[list[Mask], dict[str, Any]]:
     return masks, cost
 
 
-def _run_early_bird(run: _Run) -> None:
-    densities = run.densities()
-    birds = [
-        {d: EarlyBird(run.s.eb_threshold, run.s.eb_window) for d in densities}
-        for _ in range(run.s.replicates)
-    ]
-    times: list[dict[float, float]] = [{} for _ in range(run.s.replicates)]
+def _run_early_bird(run: _Run, densities: Sequence[float]) -> None:
+    reps = range(run.s.replicates)
+    birds = [{d: EarlyBird(run.s.eb_threshold, run.s.eb_window) for d in densities} for _ in reps]
+    last_mask: list[dict[float, Mask]] = [{} for _ in reps]
+    times: list[dict[float, float]] = [{} for _ in reps]
     started = time.perf_counter()
 
     def watcher(r: int) -> Callable[[int, State], bool]:
@@ -584,29 +577,27 @@ def _run_early_bird(run: _Run) -> None:
 
         return on_eval
 
-    last_mask: list[dict[float, Mask]] = [{} for _ in range(run.s.replicates)]
     jobs = [
-        Job(run.inits[r], run.dense_mask(), run.data_seeds[r], on_eval=watcher(r))
-        for r in range(run.s.replicates)
+        Job(run.inits[r], run.dense_mask(), run.data_seeds[r], on_eval=watcher(r)) for r in reps
     ]
     run.train(jobs)
     elapsed = time.perf_counter() - started
-    tensors, meta = {}, []
-    for r in range(run.s.replicates):
-        per = {}
-        for d, bird in birds[r].items():
+    for d in densities:
+        tensors, draws = {}, []
+        for r in reps:
+            bird = birds[r][d]
             drawn = bird.drawn is not None
             mask = bird.drawn if drawn else last_mask[r][d]  # never drawn: the mask at the end
-            step = bird.drawn_at if drawn else run.s.steps
-            per[f"{d:.6g}"] = {
-                "drawn": drawn,
-                "step": step,
-                "seconds": times[r].get(d, elapsed),
-            }
-            tensors.update({f"d{d:.6g}/r{r}/{n}": mask[n] for n in run.names})
-        meta.append(per)
-    run.store.write_tensors("early_bird.safetensors", tensors)
-    run.store.write_json("early_bird.json", {"replicates": meta, "seconds": elapsed})
+            tensors.update({f"r{r}/{n}": mask[n] for n in run.names})
+            draws.append(
+                {
+                    "drawn": drawn,
+                    "step": bird.drawn_at if drawn else run.s.steps,
+                    "seconds": times[r].get(d, elapsed),
+                }
+            )
+        run.store.write_tensors(f"early_bird/d{d:.6g}.safetensors", tensors)
+        run.store.write_json(f"early_bird/d{d:.6g}.json", {"replicates": draws})
 
 
 # --- evaluating --------------------------------------------------------------------------------
@@ -629,7 +620,9 @@ def _evaluate(
                     if run.progress:
                         run.progress(reps * run.s.steps)
                     continue
-                pending.append((variant, _cell_jobs(run, finder, variant, density, found)))
+                inverted = masks.get(f"{finder}+invert", {}).get(density)
+                jobs = _cell_jobs(run, variant, density, found, inverted)
+                pending.append((variant, jobs))
         if not pending:
             continue
         results, _ = run.train([job for _, jobs in pending for job in jobs])
@@ -652,7 +645,11 @@ def _cell_rel(variant: str, density: float) -> str:
 
 
 def _cell_jobs(
-    run: _Run, finder: str, variant: str, density: float, found: list[Mask]
+    run: _Run,
+    variant: str,
+    density: float,
+    found: list[Mask],
+    inverted: list[Mask] | None,
 ) -> list[Job]:
     reps = run.s.replicates
     jobs = []
@@ -662,7 +659,7 @@ def _cell_jobs(
         if variant.endswith("+shuffle"):
             mask = shuffle_within_layers(mask, g)
         elif variant.endswith("+invert"):
-            mask = found[reps + r]
+            mask = inverted[r]
         elif variant.endswith("+reinit"):
             init = reinit_kept(run.fresh[r], init, mask)
         jobs.append(Job(_masked_init(init, mask), mask, run.data_seeds[r]))
