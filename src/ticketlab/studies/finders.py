@@ -566,6 +566,8 @@ def _run_early_bird(run: _Run, densities: Sequence[float]) -> None:
 
     def watcher(r: int) -> Callable[[int, State], bool]:
         def on_eval(step: int, weights: State) -> bool:
+            if step == 0:
+                return False  # masks are drawn from training (You et al.: after each epoch)
             scores = {n: weights[n].abs() for n in run.names}
             for d, bird in birds[r].items():
                 if bird.drawn is None:
@@ -846,53 +848,75 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def figure(results: dict[str, Any]) -> dict[str, bytes]:
-    """Accuracy vs weights remaining per finder, and accuracy vs FLOPs spent to find the mask."""
+    """Three panels: accuracy vs weights remaining per finder; what each sanity check changes at
+    the sparsest target; accuracy vs the FLOPs each finder spent to find its mask."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     by_variant = _by_variant(results)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    sparsities = sorted(results["settings"]["sparsities"])
     finders = list(dict.fromkeys(r["finder"] for r in results["rows"]))
-    for i, finder in enumerate(finders):
-        color = colors[i % len(colors)]
-        for variant, per in by_variant.items():
-            if variant.split("+")[0] != finder:
-                continue
-            rows = [per[sp] for sp in sorted(per) if per[sp]["acc_mean"] is not None]
-            x = [100 * r["weights_remaining"] for r in rows]
-            y = [100 * r["acc_mean"] for r in rows]
-            style = (
-                "-"
-                if "+" not in variant
-                else {"shuffle": "--", "reinit": ":", "invert": "-."}[variant.split("+")[1]]
-            )
-            left.plot(x, y, style, marker="o", ms=3, color=color, label=variant)
-            if "+" not in variant:
-                left.fill_between(
-                    x,
-                    [100 * r["acc_min"] for r in rows],
-                    [100 * r["acc_max"] for r in rows],
-                    color=color,
-                    alpha=0.12,
-                )
-                flops = [max(r["compute"]["flops_actual"], 1.0) for r in rows]
-                right.plot(flops, y, "o-", ms=4, color=color, label=finder)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {f: colors[i % len(colors)] for i, f in enumerate(finders)}
+    markers = "os^Dv<>ph*"
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(18, 5.2))
+    for finder in finders:
+        rows = [by_variant[finder][sp] for sp in sparsities]
+        rows = [r for r in rows if r["acc_mean"] is not None]
+        x = [100 * r["weights_remaining"] for r in rows]
+        left.plot(x, [100 * r["acc_mean"] for r in rows], "o-", ms=4, color=color[finder],
+                  label=finder)  # fmt: skip
+        lo, hi = [100 * r["acc_min"] for r in rows], [100 * r["acc_max"] for r in rows]
+        left.fill_between(x, lo, hi, color=color[finder], alpha=0.12)
+        for j, r in enumerate(rows):
+            flops = max(r["compute"]["flops_actual"], 1.0)
+            right.plot(flops, 100 * r["acc_mean"], markers[j % len(markers)], ms=7,
+                       color=color[finder], label=finder if j == 0 else None)  # fmt: skip
     d = results["dense"]
     if d["acc_mean"] is not None:
-        left.axhline(100 * d["acc_mean"], color="k", lw=0.8, ls="--", label="dense")
+        for ax in (left, right):
+            ax.axhline(100 * d["acc_mean"], color="k", lw=0.8, ls="--", label="dense")
     left.set_xscale("log")
     left.invert_xaxis()
+    left.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    left.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     left.set_xlabel("% of weights remaining")
     left.set_ylabel("test accuracy at early stop (%)")
-    left.set_title("Accuracy vs weights remaining")
-    left.legend(fontsize=6, ncol=2)
+    left.set_title("Accuracy vs weights remaining (band: min-max)")
+    left.legend(fontsize=7)
+    # sanity checks at the sparsest target: change of mean accuracy vs the finder's own mask
+    sparsest = sparsities[-1]
+    checks = [c for c in CHECKS if any(v.endswith("+" + c) for v in by_variant)]
+    width = 0.8 / max(1, len(checks))
+    for k, check in enumerate(checks):
+        xs, ys = [], []
+        for i, finder in enumerate(finders):
+            own, other = by_variant[finder][sparsest], by_variant.get(f"{finder}+{check}")
+            if other is None or own["acc_mean"] is None or other[sparsest]["acc_mean"] is None:
+                continue
+            xs.append(i + (k - (len(checks) - 1) / 2) * width)
+            ys.append(100 * (other[sparsest]["acc_mean"] - own["acc_mean"]))
+        middle.bar(xs, ys, width, label=check)
+    middle.axhline(0, color="k", lw=0.8)
+    middle.set_xticks(range(len(finders)), finders, rotation=30, ha="right", fontsize=8)
+    middle.set_ylabel("accuracy change vs the finder's mask (pp)")
+    remaining = 100 * by_variant[finders[0]][sparsest]["weights_remaining"]
+    middle.set_title(f"Sanity checks at {remaining:.1f}% of weights (Frankle et al. 2021)")
+    if checks:
+        middle.legend(fontsize=8)
     right.set_xscale("log")
-    right.set_xlabel("FLOPs spent to find the mask (on surviving weights; 1 = none)")
+    right.xaxis.set_major_formatter(
+        FuncFormatter(lambda v, _: "0" if v <= 1 else f"1e{math.log10(v):.0f}")
+    )
+    right.set_xlabel("FLOPs spent to find the mask (on surviving weights; 0 = none)")
     right.set_ylabel("test accuracy at early stop (%)")
-    right.set_title("Accuracy vs compute to find the mask (one point per sparsity)")
+    shapes = ", ".join(
+        f"{markers[j % len(markers)]} {100 * (1 - sp):.3g}%" for j, sp in enumerate(sparsities)
+    )
+    right.set_title(f"Accuracy vs compute to find (kept: {shapes})", fontsize=10)
     right.legend(fontsize=7)
     s = results["settings"]
     fig.suptitle(f"Finders: {s['model']} on {s['data']}, {s['replicates']} replicates")
@@ -900,7 +924,7 @@ def figure(results: dict[str, Any]) -> dict[str, bytes]:
     out = {}
     for ext in ("png", "svg"):
         buf = io.BytesIO()
-        fig.savefig(buf, format=ext, dpi=120)
+        fig.savefig(buf, format=ext, dpi=110)
         out[ext] = buf.getvalue()
     plt.close(fig)
     return out
