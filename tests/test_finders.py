@@ -145,6 +145,9 @@ def test_batchnorm_and_excluded_layers_are_never_pruned_and_left_untouched():
         assert m.names() == ["0.weight"]  # BatchNorm's weight never, the excluded layer never
         assert int(m["0.weight"].sum()) == round(0.2 * 36)
         assert model.training  # restored after scoring in eval mode
+        if finder == "synflow":  # data-free: the input shape is enough
+            alone = find_mask(model, finder, 0.2, input_shape=(1, 8, 8), exclude=["4"], rounds=3)
+            assert torch.equal(alone["0.weight"], m["0.weight"])
         for k, v in model.state_dict().items():
             assert torch.equal(v, before[k]), (finder, k)
 

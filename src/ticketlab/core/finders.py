@@ -50,6 +50,7 @@ class ScoreInput:
     trained: Mapping[str, torch.Tensor] | None = None
     generator: torch.Generator = field(default_factory=torch.Generator)
     mask: Mask | None = None  # the current mask (SynFlow's rounds score the masked network)
+    input_shape: tuple[int, ...] | None = None  # one example's shape (SynFlow's all-ones input)
 
 
 Score = Callable[[ScoreInput], dict[str, torch.Tensor]]
@@ -179,18 +180,15 @@ def synflow(s: ScoreInput) -> dict[str, torch.Tensor]:
 
 
 def _input_shape(s: ScoreInput) -> tuple[int, ...]:
-    """SynFlow's input shape: from a batch when given (shape only), else from the module."""
+    """SynFlow's input shape: as given, else a batch's (shape only), else the first Linear's."""
+    if s.input_shape is not None:
+        return tuple(s.input_shape)
     if s.batches:
         return tuple(s.batches[0][0].shape[1:])
-    shape = getattr(s.model, "input_shape", None)
-    if shape is None:
-        first = next(m for m in s.model.modules() if isinstance(m, nn.Linear | nn.Conv2d))
-        if isinstance(first, nn.Linear):
-            return (first.in_features,)
-        raise TicketlabError(
-            "synflow needs the input shape: pass one batch (only its shape is read)"
-        )
-    return tuple(shape)
+    first = next(m for m in s.model.modules() if isinstance(m, nn.Linear | nn.Conv2d))
+    if isinstance(first, nn.Linear):
+        return (first.in_features,)
+    raise TicketlabError("synflow needs the input shape of one example: pass input_shape=")
 
 
 def magnitude_init(s: ScoreInput) -> dict[str, torch.Tensor]:
@@ -263,6 +261,7 @@ def find_mask(
     generator: torch.Generator | None = None,
     prune_biases: bool = False,
     exclude: Sequence[str] = (),
+    input_shape: Sequence[int] | None = None,
 ) -> Mask:
     """The mask ``finder`` keeps at ``density`` (fraction of prunable weights) for ``model``.
 
@@ -284,7 +283,8 @@ def find_mask(
     sign = -1.0 if invert else 1.0
     n_rounds = max(1, rounds if rounds is not None else entry.rounds)
     for k in range(1, n_rounds + 1):
-        s = ScoreInput(model, base, names, tuple(batches), trained, g, mask)
+        shape = tuple(input_shape) if input_shape is not None else None
+        s = ScoreInput(model, base, names, tuple(batches), trained, g, mask, shape)
         scores = {n: sign * v for n, v in entry.score(s).items()}
         mask = prune_to_density(mask, scores, density ** (k / n_rounds), scope)
     return mask

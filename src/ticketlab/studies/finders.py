@@ -363,6 +363,7 @@ def _score_finder(
                 invert=invert,
                 rounds=run.s.synflow_rounds if finder == "synflow" else None,
                 generator=g,
+                input_shape=run.data.input_shape,
             )
         seconds += time.perf_counter() - started
         masks.append(mask)
