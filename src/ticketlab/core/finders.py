@@ -152,8 +152,8 @@ def grasp_saliency(
 
 
 def grasp(s: ScoreInput) -> dict[str, torch.Tensor]:
-    """Keep-score −S: GraSP removes the weights of highest S = −θ ⊙ Hg (those whose removal
-    reduces the gradient flow least... or increases it), so the lowest S survive."""
+    """Keep-score −S: GraSP removes the weights of highest S = −θ ⊙ Hg (to first order, removing
+    them reduces the gradient norm least, or raises it), so the lowest S survive."""
     return {n: -v for n, v in grasp_saliency(s).items()}
 
 

@@ -63,7 +63,6 @@ from ..zoo.data import Dataset, load_dataset
 from ..zoo.models import build_model
 from .common import train_spec
 
-TRAINED_FINDERS = ("magnitude", "early_bird", "imp")
 ALL_FINDERS = (*FINDERS, "early_bird", "imp")
 DEFAULT_FINDERS = ("snip", "grasp", "synflow", "magnitude_init", "random", "magnitude",
                    "early_bird", "imp")  # fmt: skip
