@@ -332,6 +332,62 @@ def compare(
 
 
 @app.command()
+def finders(
+    model: Annotated[str, Opt(help="Model name (see `ticketlab models`).")] = "lenet_300_100",
+    data: Annotated[str, Opt(help="Data set name (see `ticketlab datasets`).")] = "mnist5k",
+    sparsities: Annotated[
+        str, Opt(help="Comma-separated fractions of prunable weights removed.")
+    ] = "0.5,0.8,0.9,0.95,0.98",
+    finder: Annotated[
+        str, Opt("--finders", help="Comma-separated finders (snip, grasp, synflow, ... imp).")
+    ] = "snip,grasp,synflow,magnitude_init,random,magnitude,early_bird,imp",
+    checks: Annotated[
+        str, Opt(help="Sanity checks: shuffle, reinit, invert (comma-separated, or none).")
+    ] = "shuffle",
+    replicates: Annotated[int, Opt(help="Independent repetitions (seeds).")] = 2,
+    steps: Annotated[int, Opt(help="Training iterations of every network.")] = 1000,
+    seed: Annotated[int, Opt(help="Base seed of inits, data orders and masks.")] = 0,
+    eval_every: Annotated[int | None, Opt(help="Evaluate every N steps (def. steps/20).")] = None,
+    lr: Annotated[float | None, Opt(help="Learning rate (default: the model's preset).")] = None,
+    batch_size: Annotated[int | None, Opt(help="Minibatch (default: the model's preset).")] = None,
+    scope: Annotated[str, Opt(help="global or layer ranking of one-shot finders.")] = "global",
+    examples_per_class: Annotated[int, Opt(help="SNIP/GraSP scoring examples per class.")] = 10,
+    synflow_rounds: Annotated[int, Opt(help="SynFlow pruning rounds.")] = 100,
+    eb_threshold: Annotated[float, Opt(help="Early-bird mask distance threshold.")] = 0.1,
+    eb_window: Annotated[int, Opt(help="Early-bird: masks compared (newest + previous).")] = 5,
+    out: Annotated[
+        str, Opt(help="Run folder (rerun the same command to resume).")
+    ] = "runs/finders",
+) -> None:
+    """Pruning at init, early-bird, one-shot magnitude and IMP: accuracy and compute to find."""
+    from .studies import finders as study
+
+    s = study.Settings(
+        model=model,
+        data=data,
+        sparsities=study.parse_sparsities(sparsities),
+        finders=study.parse_list(finder, "finders"),
+        checks=() if checks.strip() in ("", "none") else study.parse_list(checks, "checks"),
+        replicates=replicates,
+        steps=steps,
+        seed=seed,
+        eval_every=eval_every,
+        lr=lr,
+        batch_size=batch_size,
+        scope=scope,
+        examples_per_class=examples_per_class,
+        synflow_rounds=synflow_rounds,
+        eb_threshold=eb_threshold,
+        eb_window=eb_window,
+    )
+    results = study.run_with_progress(s, out, Console(stderr=True))
+    console = Console() if Console().is_terminal else Console(width=160)
+    for table in study.tables(results):
+        console.print(table)
+    console.print(f"Saved {Path(out) / 'results.json'}, results.md and finders.png/.svg")
+
+
+@app.command()
 def retrain(
     config_file: Annotated[
         Path | None, Opt("--config", help="TOML file of settings (flags override it).")
