@@ -2,6 +2,12 @@
 
 The resolved config is saved in the run folder; its hash (of the fields that change results) tells
 whether a folder holds the same experiment, so rerunning a command resumes instead of mixing runs.
+Settings that only change how the results are read (the verdict's tolerances and confidence) are
+not part of that identity: rerunning a finished run with another tolerance re-summarizes it.
+
+Every setting either acts or is refused in one line: a setting that the rest of the config makes
+meaningless (a per-layer rate under global scope, a rate under a sparsity-target schedule,
+momentum under Adam) is refused when the user gives it, not silently dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +31,26 @@ from ..core.resets import RESETS
 from ..errors import TicketlabError
 
 CONTROLS = ("reinit", "random_prune")
+SCHEDULES = ("rate", "linear", "list")
+DATA_ORDERS = ("shuffle", "cyclic")
+RUNTIME = frozenset({"out", "stack_size", "batch", "checkpoint_every", "tensorboard", "report"})
+# read only by the summary (io/summary.py): changing them re-summarizes a finished run
+SUMMARY_ONLY = frozenset({"tolerance_pp", "early_stop_tolerance", "confidence"})
+MAX_INT = 2**63 - 1
+# inclusive ranges of integer settings; an integer setting not listed must be in [0, MAX_INT]
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "levels": (0, 10_000),
+    "replicates": (1, 10_000),
+    "seed": (0, MAX_INT),
+    "steps": (1, 2**31 - 1),
+    "batch_size": (1, 2**31 - 1),
+    "eval_every": (1, 2**31 - 1),
+    "warmup_steps": (0, 2**31 - 1),
+    "rewind_step": (0, 2**31 - 1),
+    "stack_size": (0, 4096),
+    "checkpoint_every": (1, 2**31 - 1),
+    "early_stop_tolerance": (0, 2**31 - 1),
+}
 
 
 @dataclass(frozen=True)
@@ -49,18 +75,27 @@ class Config:
     eval_every: int = 100
     val_fraction: float = 0.1
     dtype: str = "float32"
+    data_order: str = "shuffle"  # or "cyclic": in order, batch after batch (MNIST-1D notebook)
+    resplit: bool = False  # each replicate redraws the train/validation/test split
     # pruning
     fc_rate: float = 0.2
     conv_rate: float = 0.1
     output_rate: float | None = None  # default: half the fc rate, as in the paper
     scope: str = "layer"
+    output_layer: str | None = None  # default: found from the forward pass
+    schedule: str = "rate"  # rate: prune a fraction of the remaining; linear/list: targets
+    final_sparsity: float = 0.99  # schedule "linear": sparsity of the last level
+    sparsities: list[float] = field(default_factory=list)  # schedule "list": one per level
     exclude: list[str] = field(default_factory=list)
     prune_biases: bool = False
     criterion: str = "large_final"
     reset: str = "rewind"
     rewind_step: int = 0
     controls: list[str] = field(default_factory=lambda: list(CONTROLS))
+    # the verdict (summary only, not part of the identity)
     tolerance_pp: float = 0.5
+    early_stop_tolerance: int = 1  # evaluations the ticket may stop later than dense
+    confidence: float = 0.95  # of the t-intervals over replicates
     # where and how it runs (not part of the experiment's identity)
     out: str = "runs/latest"
     stack_size: int = 0  # 0 = automatic
@@ -70,9 +105,17 @@ class Config:
     report: bool = True
 
     def identity(self) -> dict[str, Any]:
-        """The fields that determine the results."""
-        runtime = {"out", "stack_size", "batch", "checkpoint_every", "tensorboard", "report"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime}
+        """The fields that determine the results (not where it runs, not how it is summarized)."""
+        skip = RUNTIME | SUMMARY_ONLY
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+    def target_density(self, level: int) -> float | None:
+        """Fraction of weights a target schedule keeps at ``level`` (None: the rate schedule)."""
+        if self.schedule == "linear":
+            return 1.0 - self.final_sparsity * level / max(1, self.levels)
+        if self.schedule == "list":
+            return 1.0 - ([0.0, *self.sparsities][level])
+        return None
 
     def hash(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True).encode()
@@ -82,7 +125,12 @@ class Config:
         return self.fc_rate / 2 if self.output_rate is None else self.output_rate
 
     def to_toml_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """What config.toml holds: every setting this config uses (fed back as ``--config`` it
+        resolves to the same experiment)."""
+        ignored = ignored_fields(self)
+        return {
+            k: v for k, v in dataclasses.asdict(self).items() if v is not None and k not in ignored
+        }
 
 
 # The LTH paper's hyperparameters per network (REFERENCE.md; Frankle & Carbin Fig. 2), and the
@@ -119,14 +167,22 @@ def _check_type(key: str, value: Any) -> Any:
         "list[int]": isinstance(value, list)
         and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
         "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+        "list[float]": isinstance(value, list)
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value),
+        "str | None": value is None or isinstance(value, str),
     }[kind]
     if not ok:
         raise TicketlabError(f"config key {key!r} must be {kind}, got {value!r}")
+    if kind == "list[float]":
+        return [float(v) for v in value]
     return float(value) if kind == "float" else value
 
 
-def resolve(overrides: dict[str, Any]) -> Config:
-    """Defaults < model preset < ``overrides`` (from TOML and flags); validated."""
+def resolve(overrides: dict[str, Any], *, saved: bool = False) -> Config:
+    """Defaults < model preset < ``overrides`` (from TOML and flags); validated.
+
+    ``saved``: the overrides are a run folder's whole saved config, not what a user typed, so a
+    value is not "given" merely because it is written there (see ``refuse_ignored``)."""
     unknown = sorted(set(overrides) - set(_FIELD_TYPES))
     if unknown:
         raise TicketlabError(
@@ -135,9 +191,46 @@ def resolve(overrides: dict[str, Any]) -> Config:
     checked = {k: _check_type(k, v) for k, v in overrides.items()}
     model = checked.get("model", Config.model)
     merged = {**PRESETS.get(model, {}), **checked}
+    if merged.get("schedule") == "list" and "levels" not in checked:
+        merged["levels"] = len(merged.get("sparsities", []))
     config = Config(**merged)
     validate(config)
+    if not saved:
+        refuse_ignored(config, set(checked))
     return config
+
+
+def ignored_fields(c: Config) -> dict[str, str]:
+    """The settings this config does not use, each with why (not saved in config.toml, and
+    refused when a user gives them)."""
+    out: dict[str, str] = {}
+    if c.scope == "global":
+        why = (
+            "scope 'global' ranks every layer together at fc_rate (use scope 'layer' for "
+            "per-layer rates)"
+        )
+        out.update(dict.fromkeys(("conv_rate", "output_rate", "output_layer"), why))
+    if c.schedule != "rate":
+        why = (
+            f"schedule {c.schedule!r} prunes every layer to the level's target sparsity (use "
+            "schedule 'rate' for per-layer rates)"
+        )
+        out.update(dict.fromkeys(("fc_rate", "conv_rate", "output_rate", "output_layer"), why))
+    if c.schedule != "linear":
+        out["final_sparsity"] = "it sets the last target of schedule 'linear'"
+    if c.schedule != "list":
+        out["sparsities"] = "they are the targets of schedule 'list'"
+    if c.optimizer != "sgd":
+        out["momentum"] = f"optimizer {c.optimizer!r} has no momentum setting"
+    return out
+
+
+def refuse_ignored(c: Config, given: set[str]) -> None:
+    """A setting the user gave that this config would not use is an error, not a no-op."""
+    ignored = ignored_fields(c)
+    used = sorted(k for k in given if k in ignored)
+    if used:
+        raise TicketlabError(f"{', '.join(used)} cannot apply: {ignored[used[0]]}")
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -167,23 +260,24 @@ def validate(c: Config) -> None:
         value = getattr(c, f.name)
         if isinstance(value, float):
             need(math.isfinite(value), f"{f.name} must be a finite number, got {value}")
+        if isinstance(value, int) and not isinstance(value, bool):
+            low, high = INT_RANGES.get(f.name, (0, MAX_INT))
+            need(low <= value <= high, f"{f.name} must be in [{low}, {high}], got {value}")
+        if isinstance(value, list):
+            for v in value:
+                if isinstance(v, float):
+                    need(math.isfinite(v), f"{f.name} must hold finite numbers, got {v}")
 
     # "custom" names come from the Python API, which brings its own module and tensors
     known_model = c.model in MODELS or c.model.startswith("custom:")
     need(known_model, f"unknown model {c.model!r}; known models: {', '.join(MODELS)}")
     known_data = c.data in DATASETS or c.data == "custom"
     need(known_data, f"unknown data set {c.data!r}; known: {', '.join(DATASETS)}")
-    need(c.levels >= 0, f"levels must be >= 0, got {c.levels}")
-    need(c.replicates >= 1, f"replicates must be >= 1, got {c.replicates}")
-    need(c.steps >= 1, f"steps must be >= 1, got {c.steps}")
-    need(c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}")
     need(c.optimizer in ("adam", "sgd"), f"optimizer must be 'adam' or 'sgd', got {c.optimizer!r}")
     need(c.lr > 0, f"lr must be > 0, got {c.lr}")
     need(c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay}")
     need(0 <= c.momentum < 1, f"momentum must be in [0, 1), got {c.momentum}")
     need(c.gamma > 0, f"gamma must be > 0, got {c.gamma}")
-    need(c.warmup_steps >= 0, f"warmup_steps must be >= 0, got {c.warmup_steps}")
-    need(c.eval_every >= 1, f"eval_every must be >= 1, got {c.eval_every}")
     need(0 < c.val_fraction < 1, f"val_fraction must be in (0, 1), got {c.val_fraction}")
     need(c.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {c.dtype!r}")
     for key in ("fc_rate", "conv_rate"):
@@ -202,6 +296,31 @@ def validate(c: Config) -> None:
     for control in c.controls:
         need(control in CONTROLS, f"unknown control {control!r}; known: {', '.join(CONTROLS)}")
     need(c.tolerance_pp >= 0, f"tolerance_pp must be >= 0, got {c.tolerance_pp}")
-    need(c.stack_size >= 0, f"stack_size must be >= 0, got {c.stack_size}")
-    need(c.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {c.checkpoint_every}")
+    need(0 < c.confidence < 1, f"confidence must be in (0, 1), got {c.confidence}")
+    for m in c.milestones:
+        need(1 <= m <= c.steps, f"milestones must be in [1, steps], got {m}")
+    need(
+        c.data_order in DATA_ORDERS,
+        f"data_order must be one of {', '.join(DATA_ORDERS)}, got {c.data_order!r}",
+    )
+    need(
+        c.schedule in SCHEDULES,
+        f"schedule must be one of {', '.join(SCHEDULES)}, got {c.schedule!r}",
+    )
+    need(0 < c.final_sparsity < 1, f"final_sparsity must be in (0, 1), got {c.final_sparsity}")
+    if c.schedule == "list":
+        s = c.sparsities
+        need(bool(s), "schedule 'list' needs sparsities, one target per level")
+        need(all(0 < v < 1 for v in s), f"sparsities must be in (0, 1), got {s}")
+        need(
+            all(a < b for a, b in zip(s, s[1:], strict=False)), f"sparsities must increase, got {s}"
+        )
+        need(
+            c.levels == len(s),
+            f"levels ({c.levels}) must equal the number of sparsities ({len(s)})",
+        )
+    need(
+        c.output_layer is None or (bool(c.output_layer) and "\0" not in c.output_layer),
+        f"output_layer must be a layer name, got {c.output_layer!r}",
+    )
     need(bool(c.out) and "\0" not in c.out, f"out must be a folder path, got {c.out!r}")

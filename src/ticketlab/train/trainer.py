@@ -60,6 +60,9 @@ class TrainSpec:
     warmup_steps: int = 0
     dtype: str = "float32"
     cosine: bool = False  # decay to 0 along a half cosine over ``steps`` (edge-popup's schedule)
+    # "shuffle": each network its own seeded permutation per epoch; "cyclic": every network takes
+    # the training set in order, batch after batch, wrapping around (the MNIST-1D notebook's loop)
+    data_order: str = "shuffle"
 
     def lr_factor(self, step: int) -> float:
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
@@ -342,7 +345,7 @@ def _train_loop(
 ) -> None:
     """The hot loop: everything not needed every step is hoisted out of it."""
     k = stack.size
-    batches = Batches(data, [j.data_seed for j in jobs], spec.batch_size)
+    batches = Batches(data, [j.data_seed for j in jobs], spec.batch_size, spec.data_order)
     eval_at = set(spec.eval_steps())
     snapshot_at: dict[int, list[int]] = {}
     for i, job in enumerate(jobs):
@@ -390,11 +393,12 @@ def _train_loop(
 class Batches:
     """Each network's minibatch for a step, gathered with one ``index_select`` into reused buffers.
 
-    Network ``i`` sees ``epoch_permutation(seed_i, epoch)`` in order; ``x`` comes back as
+    Network ``i`` sees ``epoch_permutation(seed_i, epoch)`` in order (``cyclic``: every network
+    sees examples ``step*B .. step*B + B - 1`` modulo the set's size); ``x`` comes back as
     ``[K, B, *input_shape]`` and ``y`` flat as ``[K*B]``.
     """
 
-    def __init__(self, data: Dataset, seeds: list[int], batch: int):
+    def __init__(self, data: Dataset, seeds: list[int], batch: int, order: str = "shuffle"):
         self.n = data.x_train.shape[0]
         self.x = data.x_train.reshape(self.n, -1)
         self.y = data.y_train
@@ -406,8 +410,16 @@ class Batches:
         rows = len(seeds) * min(batch, self.n)
         self.x_out = torch.empty(rows, self.x.shape[1], dtype=self.x.dtype)
         self.y_out = torch.empty(rows, dtype=self.y.dtype)
+        self.cyclic = order == "cyclic"
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cyclic:
+            start = step * self.batch
+            one = torch.arange(start, start + min(self.batch, self.n)) % self.n
+            idx = one.repeat(len(self.seeds))
+            torch.index_select(self.x, 0, idx, out=self.x_out)
+            torch.index_select(self.y, 0, idx, out=self.y_out)
+            return self.x_out.view(len(self.seeds), -1, *self.shape), self.y_out
         epoch, position = divmod(step, self.per_epoch)
         if epoch != self.epoch:
             self.perms = torch.stack([epoch_permutation(s, epoch, self.n) for s in self.seeds])
