@@ -10,7 +10,9 @@ order from the 4,000 training digits (``data_order="cyclic"``), 1501 steps per r
 magnitude pruning (``large_final``) in which a layer's weights *and* bias are ranked together
 (``layer_groups``), every layer to the round's target sparsity (``prune_to_density``); survivors
 reset to the original init; 2 trials. The control is a random mask with the same number of
-survivors per layer (``random_mask_like``), trained from the same init. Test accuracy at the end
+survivors per layer, placed uniformly over the layer's weights and bias (``random_mask_like`` with
+the layer groups, as the notebook's random pruning ranks the whole layer), trained from the same
+init. Test accuracy at the end
 of training, as the notebook reports it.
 
 Schedules: by default round r prunes straight to the table's sparsity s_r from round r-1's mask;
@@ -92,7 +94,7 @@ def main() -> None:
         state_of(build_model("mnist1d_mlp", data.input_shape, data.num_classes, seed=t))
         for t in trials
     ]
-    key = json.dumps([args.steps, args.trials, args.faithful])
+    key = json.dumps([args.steps, args.trials, args.faithful, "controls ranked per layer"])
     store = (
         RunStore(args.state, hashlib.sha256(key.encode()).hexdigest()[:16]) if args.state else None
     )
@@ -127,7 +129,10 @@ def main() -> None:
             jobs = [Job(inits[t], masks[t], data_seed=t) for t in trials]
             if r and listed:  # the control: same survivors per layer, placed at random
                 g = torch.Generator().manual_seed(1_000 + r)
-                jobs += [Job(inits[t], random_mask_like(masks[t], g), data_seed=t) for t in trials]
+                jobs += [
+                    Job(inits[t], random_mask_like(masks[t], g, groups), data_seed=t)
+                    for t in trials
+                ]
             results = train(template, jobs, data, spec)
             trainings += len(jobs)
             finals = [results[t].final for t in trials]

@@ -116,10 +116,19 @@ def prune(
     return prune_global(mask, scores, global_rate)
 
 
-def random_mask_like(mask: Mask, generator: torch.Generator) -> Mask:
-    """A random mask with exactly the same number alive per layer: the random-prune control."""
-    new = {}
-    for name, keep in mask.tensors.items():
-        noise = torch.rand(keep.shape, generator=generator, dtype=torch.float64)
-        new[name] = _keep_top(noise, torch.ones_like(keep), int(keep.sum()))
-    return Mask(new)
+def random_mask_like(mask: Mask, generator: torch.Generator, groups: Groups | None = None) -> Mask:
+    """A random mask with exactly the same number alive per layer: the random-prune control.
+
+    With ``groups`` a layer is its group (weight and bias ranked together): the group keeps the
+    ticket's count, placed uniformly over all its entries, so the control does not inherit which
+    of the layer's tensors the ticket kept more of (a ticket that keeps most biases would
+    otherwise hand that choice to its control)."""
+    new: dict[str, torch.Tensor] = {}
+    for names in _groups(mask, groups):
+        noise = {
+            n: torch.rand(mask[n].shape, generator=generator, dtype=torch.float64) for n in names
+        }
+        full = Mask({n: torch.ones_like(mask[n]) for n in names})
+        count = sum(int(mask[n].sum()) for n in names)
+        new.update(_prune_group(full, noise, names, lambda _a, _s, k=count: k))
+    return Mask({n: new[n] for n in mask.names()})

@@ -206,9 +206,8 @@ def _make_job(
     rewind = rewinds[r]
     reset_name = {"ticket": c.reset, "reinit": "reinit", "random_prune": "rewind"}[branch]
     if branch == "random_prune":
-        mask = random_mask_like(
-            mask, torch.Generator().manual_seed(derive_seed(c.seed, branch, r, level))
-        )
+        g = torch.Generator().manual_seed(derive_seed(c.seed, branch, r, level))
+        mask = random_mask_like(mask, g, setup.groups())
     fresh = setup.init_state(derive_seed(c.seed, "fresh", branch, r, level))
     reset = get_reset(reset_name)
     g = torch.Generator().manual_seed(derive_seed(c.seed, "reset", branch, r, level))
