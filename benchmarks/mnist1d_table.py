@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from throughput import matmul_peak  # benchmarks/throughput.py
 from ticketlab.core.criteria import large_final
 from ticketlab.core.mask import Mask, layer_groups, prunable_names
 from ticketlab.core.pruning import prune_to_density, random_mask_like
@@ -104,6 +105,7 @@ def main() -> None:
     ticket_acc: dict[float, list[float]] = {}
     random_acc: dict[float, list[float]] = {}
     trainings = 0
+    survivors = 0.0  # weights alive, summed over every network trained
     for r, sparsity in enumerate(rounds):
         if r:
             masks = [
@@ -135,6 +137,7 @@ def main() -> None:
                 ]
             results = train(template, jobs, data, spec)
             trainings += len(jobs)
+            survivors += sum(job.mask.density() for job in jobs) * weight_count(template)
             finals = [results[t].final for t in trials]
             accs = [100 * res.final_test_acc for res in results]
             if store is not None:
@@ -170,6 +173,18 @@ def main() -> None:
         f"(rounds read back from --state not counted); {torch.get_num_threads()} threads, "
         f"load average {os.getloadavg()[0]:.2f}"
     )
+    per_weight = 6 * spec.batch_size * spec.steps / 1e12  # TFLOP per weight over one training
+    tflop = weight_count(template) * trainings * per_weight
+    peak = matmul_peak(1.0)
+    print(
+        f"work: {tflop:.2f} TFLOP dense-equivalent, {survivors * per_weight:.2f} TFLOP on "
+        f"surviving weights; at this CPU's fp32 matmul peak ({peak:.0f} GFLOP/s, 2048^3 sgemm) "
+        f"the dense-equivalent work alone would take {tflop * 1e3 / peak:.0f} s"
+    )
+
+
+def weight_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 if __name__ == "__main__":

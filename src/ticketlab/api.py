@@ -54,6 +54,8 @@ class TicketSearch:
     def ticket(self, level: int, replicate: int = 0) -> tuple[Mask, State]:
         """The ticket of a level: its mask and the (masked) rewind weights it restarts from."""
         mask = load_masks(self.store, level, self.config)[replicate]
+        if not mask.tensors:
+            raise TicketlabError(f"replicate {replicate} has no ticket at level {level} (diverged)")
         rewind = load_rewind(self.store, self.config)[replicate]
         weights = {n: t * mask[n] if n in mask.tensors else t for n, t in rewind.items()}
         return mask, weights

@@ -106,10 +106,13 @@ def find_output_layer(model: nn.Module, sample: torch.Tensor) -> str | None:
         for name, module in model.named_modules()
         if isinstance(module, PRUNABLE_TYPES)
     ]
+    training = model.training
+    model.eval()  # the probe must not move BatchNorm's running statistics
     try:
         with torch.no_grad():
             output = model(sample)
     finally:
+        model.train(training)
         for hook in hooks:
             hook.remove()
     for name, out in reversed(seen):

@@ -54,6 +54,11 @@ def export_ticket(
     if not 0 <= replicate < config.replicates:
         raise TicketlabError(f"replicate must be in [0, {config.replicates}), got {replicate}")
     mask = load_masks(store, level, config)[replicate]
+    if not mask.tensors:
+        raise TicketlabError(
+            f"replicate {replicate} has no ticket at level {level}: its ticket diverged at an "
+            "earlier level and its pruning stopped there"
+        )
     if trained:
         weights = load_replicates(store, f"{level_dir(level)}/ticket_final.safetensors", config)
     else:

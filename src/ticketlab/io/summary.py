@@ -192,7 +192,7 @@ def diff_cell(d: dict[str, Any] | None) -> str:
 def verdict_cell(row: dict[str, Any]) -> str:
     verdict = row.get("verdict")
     if verdict is None:
-        return "dense"
+        return "dense" if row.get("level") == 0 else "-"
     if verdict["winning"]:
         return "winning"
     if "too few replicates for an interval" in verdict["reasons"]:
@@ -269,6 +269,17 @@ def definition(summary: dict[str, Any]) -> str:
 def answer_line(summary: dict[str, Any]) -> str:
     """The run's answer in one sentence (several when it needs to say why not)."""
     win = summary["winning_ticket"]
+    if "confidence" not in summary:  # a summary written before the verdict had intervals
+        tol = summary.get("tolerance_pp", 0.5)
+        if win is None:
+            return (
+                f"No winning ticket: no pruned level matched the dense network (within {tol} pp)."
+            )
+        return (
+            f"Smallest winning ticket: {100 * win['weights_remaining']:.1f}% of weights remaining "
+            f"(level {win['level']}), matching dense accuracy within {tol} pp and training no "
+            "slower."
+        )
     rows = {row["level"]: row for row in summary.get("rows", [])}
     n = summary.get("replicates", 0)
     if win is not None:
