@@ -34,7 +34,7 @@ def test_summary_settings_are_not_the_identity():
         ({"seed": 2**63}, "seed must be in [0, "),
         ({"levels": 10**6}, "levels must be in [0, 10000]"),
         ({"early_stop_tolerance": -1}, "early_stop_tolerance must be in [0, "),
-        ({"milestones": [0]}, "milestones must be in [1, steps]"),
+        ({"milestones": [0]}, "milestones must be in (0, steps="),
         ({"schedule": "list", "sparsities": [0.5, 0.4]}, "sparsities must increase"),
         ({"schedule": "list", "sparsities": [0.5, 0.9], "levels": 3}, "levels (3) must equal"),
         ({"confidence": 1.0}, "confidence must be in (0, 1)"),
@@ -150,3 +150,30 @@ def test_cli_refuses_global_scope_with_conv_rate(capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "conv_rate cannot apply" in err and not (tmp_path / "r").exists()
+
+
+def test_mnist1d_preset_is_the_notebooks_and_reaches_the_trainer():
+    from ticketlab.studies.common import train_spec
+    from ticketlab.train.trainer import Batches
+    from ticketlab.zoo.data import Dataset
+    from ticketlab.zoo.models import build_model
+
+    c = resolve({})
+    assert (c.model, c.lr, c.batch_size, c.data_order, c.prune_biases) == (
+        "mnist1d_mlp",
+        2e-2,
+        100,
+        "cyclic",
+        True,
+    )
+    assert train_spec(c).data_order == "cyclic"
+    # PyTorch's default nn.Linear init: uniform within 1/sqrt(fan_in), the bias too
+    model = build_model("mnist1d_mlp", (40,), 10, seed=0)
+    first = model[1]
+    assert float(first.weight.abs().max()) <= 40**-0.5 and float(first.bias.abs().max()) > 0
+    # cyclic order: every network takes examples step*B .. step*B+B-1 (mod n), the same for all
+    x = torch.arange(10.0).view(10, 1)
+    data = Dataset("t", x, torch.arange(10), x[:1], torch.arange(1), x[:1], torch.arange(1))
+    batches = Batches(data, [3, 4], 4, order="cyclic")
+    xb, yb = batches(2)  # examples 8, 9, 0, 1
+    assert yb.tolist() == [8, 9, 0, 1, 8, 9, 0, 1] and xb.shape == (2, 4, 1)

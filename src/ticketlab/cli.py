@@ -38,11 +38,24 @@ def find(
     levels: Annotated[int | None, Opt(help="Pruning rounds after the dense level.")] = None,
     replicates: Annotated[int | None, Opt(help="Independent repetitions (seeds).")] = None,
     seed: Annotated[int | None, Opt(help="Base seed of inits, data orders and controls.")] = None,
-    steps: Annotated[int | None, Opt(help="Training iterations per network and level.")] = None,
+    steps: Annotated[
+        str | None, Opt(help="Training iterations per network and level (or epochs: 160ep).")
+    ] = None,
     batch_size: Annotated[int | None, Opt(help="Minibatch size.")] = None,
     optimizer: Annotated[str | None, Opt(help="adam or sgd.")] = None,
     lr: Annotated[float | None, Opt(help="Learning rate.")] = None,
-    eval_every: Annotated[int | None, Opt(help="Evaluate every N iterations.")] = None,
+    milestones: Annotated[
+        str | None, Opt(help="Steps (or epochs: 80ep,120ep) where the learning rate drops.")
+    ] = None,
+    warmup_steps: Annotated[
+        str | None, Opt(help="Linear learning-rate warmup, steps (or epochs: 5ep).")
+    ] = None,
+    augment: Annotated[
+        str | None, Opt(help="Image augmentation: none, crop, flip or crop_flip.")
+    ] = None,
+    eval_every: Annotated[
+        str | None, Opt(help="Evaluate every N iterations (or epochs: 1ep).")
+    ] = None,
     val_fraction: Annotated[float | None, Opt(help="Training fraction held out.")] = None,
     fc_rate: Annotated[float | None, Opt(help="Fraction of fc weights pruned per round.")] = None,
     conv_rate: Annotated[float | None, Opt(help="Fraction of conv weights per round.")] = None,
@@ -93,6 +106,12 @@ def find(
         bool, Opt("--tensorboard", help="Also log TensorBoard scalars.")
     ] = False,
     no_report: Annotated[bool, Opt("--no-report", help="Skip the HTML report.")] = False,
+    backend: Annotated[
+        str | None, Opt(help="Where stacks train: local, or ray (a Ray cluster; same results).")
+    ] = None,
+    address: Annotated[
+        str | None, Opt(help="Ray cluster address (default: start or join one on this machine).")
+    ] = None,
 ) -> None:
     """Iterative magnitude pruning with the paper's controls; prints the table and the answer."""
     from .api import print_result, run_search
@@ -104,11 +123,14 @@ def find(
         "levels": levels,
         "replicates": replicates,
         "seed": seed,
-        "steps": steps,
+        "steps": _count(steps),
         "batch_size": batch_size,
         "optimizer": optimizer,
         "lr": lr,
-        "eval_every": eval_every,
+        "milestones": None if milestones is None else _counts(milestones),
+        "warmup_steps": _count(warmup_steps),
+        "augment": augment,
+        "eval_every": _count(eval_every),
         "val_fraction": val_fraction,
         "fc_rate": fc_rate,
         "conv_rate": conv_rate,
@@ -136,6 +158,8 @@ def find(
         "checkpoint_every": checkpoint_every,
         "tensorboard": tensorboard or None,
         "report": False if no_report else None,
+        "backend": backend,
+        "address": address,
     }
     settings = load_toml(config_file) if config_file else {}
     settings.update({k: v for k, v in flags.items() if v is not None})
@@ -152,6 +176,18 @@ def _floats(text: str, name: str) -> list[float]:
         return [float(v) for v in text.split(",")]
     except ValueError:
         raise TicketlabError(f"{name} must be comma-separated numbers, got {text!r}") from None
+
+
+def _count(value: str | None) -> int | str | None:
+    """A flag's iteration count: an integer is steps; anything else ('160ep') goes to the config
+    as text, which converts epochs or names the accepted forms."""
+    if value is None:
+        return None
+    return int(value) if value.strip().isdigit() else value.strip()
+
+
+def _counts(value: str) -> list[int | str]:
+    return [c for c in (_count(v) for v in value.split(",") if v.strip()) if c is not None]
 
 
 @app.command()
@@ -248,6 +284,12 @@ def compare(
     ] = False,
     stack_size: Annotated[int | None, Opt(help="Networks trained side by side (0 = auto).")] = None,
     out: Annotated[str, Opt(help="Folder for grid.json and grid.md.")] = "runs/grid",
+    backend: Annotated[
+        str, Opt(help="Where stacks train: local, or ray (a Ray cluster; same results).")
+    ] = "local",
+    address: Annotated[
+        str, Opt(help="Ray cluster address (default: start or join one on this machine).")
+    ] = "",
 ) -> None:
     """Zhou et al.'s grid: mask criterion x reset x sparsity (one-shot), plus supermasks."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -270,6 +312,9 @@ def compare(
     from .io.store import check_writable_folder
 
     check_writable_folder(Path(out))
+    from .backends import get_backend
+
+    get_backend(backend, address)  # an unknown backend or a missing Ray: one line, before training
     bar = Progress(
         TextColumn("grid"),
         BarColumn(),
@@ -279,7 +324,13 @@ def compare(
     )
     with bar:
         task = bar.add_task("grid", total=total_steps(**settings))
-        grid = run_grid(progress=lambda n: bar.advance(task, n), **where, **settings)
+        grid = run_grid(
+            progress=lambda n: bar.advance(task, n),
+            backend=backend,
+            address=address,
+            **where,
+            **settings,
+        )
     console = Console()
     if not console.is_terminal:  # piped or captured: the table's full width, not 80 columns
         console = Console(width=160)

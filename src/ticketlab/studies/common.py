@@ -20,4 +20,6 @@ def train_spec(c: Config) -> TrainSpec:
         gamma=c.gamma,
         warmup_steps=c.warmup_steps,
         dtype=c.dtype,
+        augment=c.augment,
+        data_order=c.data_order,
     )

@@ -16,6 +16,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from ..backends import Backend, get_backend
 from ..core.criteria import get_criterion
 from ..core.mask import (
     Mask,
@@ -93,6 +94,11 @@ class Setup:
 
     def stack_size(self) -> int | None:
         return (self.config.stack_size or None) if self.config.batch else 1
+
+    @cached_property
+    def backend(self) -> Backend | None:
+        """One per run, so a Ray backend connects once and keeps its relay queue."""
+        return get_backend(self.config.backend, self.config.address)
 
 
 def check_settings(setup: Setup) -> None:
@@ -260,6 +266,7 @@ def _train_group(
         stack_size=size,
         progress=progress,
         checkpointers=checkpointers,
+        backend=setup.backend,
     )
 
 

@@ -28,8 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backends import Backend
 from ..core.mask import Mask
+from ..errors import TicketlabError
 from ..zoo.data import Dataset
+from . import augment as augmentation
 from .sparse_linear import SPARSE_BELOW
 from .stacked import (
     Stack,
@@ -63,6 +66,7 @@ class TrainSpec:
     # "shuffle": each network its own seeded permutation per epoch; "cyclic": every network takes
     # the training set in order, batch after batch, wrapping around (the MNIST-1D notebook's loop)
     data_order: str = "shuffle"
+    augment: str = "none"  # random crops / flips of training images, see ``augment.py``
 
     def lr_factor(self, step: int) -> float:
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
@@ -163,6 +167,7 @@ def train(
     checkpointers: Sequence[Checkpointer | None] | None = None,
     lanes: int | None = None,
     sparse_below: float = SPARSE_BELOW,
+    backend: Backend | None = None,
 ) -> list[Result]:
     """Train every job; ``stack_size`` networks at a time (default: as many as the architecture
     allows, up to 16, spread over the CPU cores). ``stack_size=1`` is the one-by-one path.
@@ -179,6 +184,9 @@ def train(
     on a small CPU that beats one stack whose every operation is split over the threads, and it
     does not collapse when another process takes a core. ``lanes``: how many stacks may train at
     once (default: torch's intra-op thread count; 1 = one after another).
+
+    ``backend`` (see ``ticketlab.backends``): where the stacks train, e.g. as Ray tasks; each stack
+    gets the thread count it would get here, so the results are the same bits.
     """
     data = data.to(getattr(torch, spec.dtype))
     order = sorted(range(len(jobs)), key=lambda i: jobs[i].mask.density())
@@ -193,7 +201,14 @@ def train(
         )
 
     parallel = _lane_count(template, len(chunks), lanes)
-    if parallel > 1:
+    if backend is not None:
+        shared = {"template": template, "data": data, "spec": spec, "sparse_below": sparse_below}
+        threads = 1 if parallel > 1 else torch.get_num_threads()
+        stacks = backend.run_stacks(
+            train_stack, shared, chunks, checkpointers or [], progress, threads
+        )
+        trained = [r for stack in stacks for r in stack]
+    elif parallel > 1:
         trained = _train_in_lanes(run_chunk, len(chunks), parallel, progress)
     else:
         trained = [r for c in range(len(chunks)) for r in run_chunk(c, progress)]
@@ -345,7 +360,9 @@ def _train_loop(
 ) -> None:
     """The hot loop: everything not needed every step is hoisted out of it."""
     k = stack.size
-    batches = Batches(data, [j.data_seed for j in jobs], spec.batch_size, spec.data_order)
+    batches = Batches(
+        data, [j.data_seed for j in jobs], spec.batch_size, spec.augment, spec.data_order
+    )
     eval_at = set(spec.eval_steps())
     snapshot_at: dict[int, list[int]] = {}
     for i, job in enumerate(jobs):
@@ -394,11 +411,20 @@ class Batches:
     """Each network's minibatch for a step, gathered with one ``index_select`` into reused buffers.
 
     Network ``i`` sees ``epoch_permutation(seed_i, epoch)`` in order (``cyclic``: every network
-    sees examples ``step*B .. step*B + B - 1`` modulo the set's size); ``x`` comes back as
-    ``[K, B, *input_shape]`` and ``y`` flat as ``[K*B]``.
+    sees examples ``step*B .. step*B + B - 1`` modulo the set's size, without augmentation);
+    ``x`` comes back as ``[K, B, *input_shape]`` and ``y`` flat as ``[K*B]``. With ``augment``
+    (images only), each network's images are cropped and flipped as ``augment.draw(seed_i,
+    epoch)`` says, the whole ``[K*B]`` batch in one go.
     """
 
-    def __init__(self, data: Dataset, seeds: list[int], batch: int, order: str = "shuffle"):
+    def __init__(
+        self,
+        data: Dataset,
+        seeds: list[int],
+        batch: int,
+        augment: str = "none",
+        order: str = "shuffle",
+    ):
         self.n = data.x_train.shape[0]
         self.x = data.x_train.reshape(self.n, -1)
         self.y = data.y_train
@@ -411,6 +437,15 @@ class Batches:
         self.x_out = torch.empty(rows, self.x.shape[1], dtype=self.x.dtype)
         self.y_out = torch.empty(rows, dtype=self.y.dtype)
         self.cyclic = order == "cyclic"
+        self.augment = augment if augment != "none" else None
+        if self.augment is not None:
+            if len(self.shape) != 3:
+                raise TicketlabError(
+                    f"augment={augment!r} needs images (channels, height, width); "
+                    f"{data.name} has inputs of shape {self.shape}"
+                )
+            self.fill = augmentation.black_level(data.x_train)
+            self.draws: list[augmentation.Draw] = []
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cyclic:
@@ -424,13 +459,24 @@ class Batches:
         if epoch != self.epoch:
             self.perms = torch.stack([epoch_permutation(s, epoch, self.n) for s in self.seeds])
             self.epoch = epoch
-        idx = self.perms[:, position * self.batch : (position + 1) * self.batch].reshape(-1)
+            if self.augment is not None:
+                self.draws = [augmentation.draw(self.augment, s, epoch, self.n) for s in self.seeds]
+        window = slice(position * self.batch, (position + 1) * self.batch)
+        idx = self.perms[:, window].reshape(-1)
         if idx.numel() == self.y_out.numel():
             torch.index_select(self.x, 0, idx, out=self.x_out)
             torch.index_select(self.y, 0, idx, out=self.y_out)
             x, y = self.x_out, self.y_out
         else:
             x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
+        if self.augment is not None:
+            x = augmentation.apply(
+                x.view(-1, *self.shape),
+                torch.cat([d.dy[window] for d in self.draws]),
+                torch.cat([d.dx[window] for d in self.draws]),
+                torch.cat([d.flip[window] for d in self.draws]),
+                self.fill,
+            )
         return x.view(len(self.seeds), -1, *self.shape), y
 
 
