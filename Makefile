@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/ticketlab find --out runs/demo
+	$(VENV)/bin/ticketlab find --replicates 3 --out runs/demo
 
 # Debian's chromium + chromium-driver for the report's real-browser test (no-op when present)
 browser:

@@ -33,7 +33,7 @@ def test_find_prints_table_and_answer_and_saves_config(capsys, tmp_path):
     out_dir = tmp_path / "run"
     code, out, _ = run_cli(capsys, ["find", *TINY, "--out", str(out_dir)])
     assert code == 0
-    assert "% weights" in out and ("winning ticket" in out.lower())
+    assert "% weights" in out and "too few replicates to tell" in out.lower()  # 1 replicate
     saved = (out_dir / "config.toml").read_text()
     assert 'model = "lenet_300_100"' in saved and "steps = 30" in saved
     summary = json.loads((out_dir / "summary.json").read_text())
@@ -63,8 +63,10 @@ BAD_ARGS = [
     (["find", "--fc-rate", "1.5"], "fc_rate must be in (0, 1)"),
     (["find", "--fc-rate", "0"], "fc_rate must be in (0, 1)"),
     (["find", "--conv-rate", "-0.1"], "conv_rate must be in (0, 1)"),
-    (["find", "--levels", "-1"], "levels must be >= 0"),
-    (["find", "--replicates", "0"], "replicates must be >= 1"),
+    (["find", "--levels", "-1"], "levels must be in [0, 10000]"),
+    (["find", "--replicates", "0"], "replicates must be in [1, 10000]"),
+    (["find", "--seed", "-1"], "seed must be in [0, "),
+    (["find", "--scope", "global", "--conv-rate", "0.2"], "conv_rate cannot apply"),
     (["find", "--levels", "many"], "--levels"),
     (["find", "--criterion", "biggest"], "unknown criterion"),
     (["find", "--reset", "nope"], "unknown reset"),

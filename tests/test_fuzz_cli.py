@@ -58,6 +58,10 @@ NAMES = {
     "controls": ["reinit", "random_prune"],
     "exclude": ["1.weight", "fc"],
     "out": ["run", "out/run"],
+    "output_layer": ["1", "5", "fc"],
+    "schedule": ["rate", "linear", "list"],
+    "data_order": ["shuffle", "cyclic"],
+    "sparsities": ["0.5,0.8", "0.2", "0.9,0.5"],
 }
 
 
@@ -123,6 +127,25 @@ poison_flags = st.sampled_from(
      ("--model", "resnet9000"), ("--data", "imagenet"), ("--out", ""), ("--out", "r\x00n"),
      ("--levels", "ten"), ("--lr", "fast"), ("--seed", "1.5"), ("--bogus-flag",)]
 ).map(list)  # fmt: skip
+# every integer setting out of its range (negative where only non-negative makes sense, or too big)
+FIELD_KINDS = {f.name: f.type for f in dataclasses.fields(Config)}
+INT_FLAGS = [flag for flag in VALUE_FLAGS if FIELD_KINDS.get(flag[2:].replace("-", "_")) == "int"]
+assert {"--seed", "--levels", "--steps", "--early-stop-tolerance"} <= set(INT_FLAGS)
+poison_ints = st.tuples(
+    st.sampled_from(INT_FLAGS),
+    st.sampled_from(["-1", "-7", str(-(2**63)), str(2**63), str(2**64 + 5)]),
+).map(list)
+# settings that would be silently ignored: refused whatever came before them
+poison_ignored = st.sampled_from(
+    [["--scope", "global", "--conv-rate", "0.1"], ["--scope", "global", "--output-rate", "0.1"],
+     ["--scope", "global", "--output-layer", "1"], ["--schedule", "linear", "--fc-rate", "0.3"],
+     ["--schedule", "list", "--sparsities", "0.5", "--conv-rate", "0.2"],
+     ["--schedule", "rate", "--final-sparsity", "0.9"],
+     ["--schedule", "rate", "--sparsities", "0.5"],
+     ["--schedule", "cubic"], ["--data-order", "random"], ["--confidence", "1"],
+     ["--final-sparsity", "1.5"], ["--sparsities", "0.5,x"]]
+)  # fmt: skip
+poison_flags = poison_flags | poison_ints | poison_ignored
 poison_flags = poison_flags | st.tuples(st.sampled_from(["--model", "--data"]), values).filter(
     lambda mv: (
         mv[1] not in ("lenet_300_100", "mnist1d_mlp", "conv2", "conv4", "conv6")
@@ -229,3 +252,34 @@ def test_invalid_input_is_one_line_exit_2_nothing_written(invocation):
         assert "Traceback" not in err
         assert list(cwd.iterdir()) == [], "something was written"
         assert sorted(p.name for p in inputs.iterdir()) == (["run.toml"] if content else [])
+
+
+# --- the file system refusing --out ---------------------------------------------------------------
+
+TINY = [
+    "--model", "lenet_300_100", "--data", "digits", "--levels", "1", "--replicates", "1",
+    "--steps", "5", "--batch-size", "32", "--eval-every", "5", "--no-report",
+]  # fmt: skip
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    depth=st.integers(1, 3),
+    file_at=st.integers(0, 2),
+    name=st.text(st.characters(min_codepoint=97, max_codepoint=122), min_size=1, max_size=6),
+)
+def test_out_blocked_by_a_file_is_one_line_exit_2(depth, file_at, name):
+    """A file where --out or one of its parents should be a folder: one line naming the path."""
+    file_at = min(file_at, depth - 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = [f"{name}{i}" for i in range(depth)]
+        blocker = Path(tmp, *parts[: file_at + 1])
+        blocker.parent.mkdir(parents=True, exist_ok=True)
+        blocker.write_text("not a folder")
+        out = Path(tmp, *parts)
+        before = sorted(p.relative_to(tmp) for p in Path(tmp).rglob("*"))
+        code, stdout, err = call(["find", *TINY, "--out", str(out)])
+        assert code == 2, err
+        assert stdout == "" and err.count("\n") == 1 and "Traceback" not in err
+        assert str(blocker) in err
+        assert sorted(p.relative_to(tmp) for p in Path(tmp).rglob("*")) == before

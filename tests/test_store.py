@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from ticketlab import api
 from ticketlab.api import run_search
 from ticketlab.cli import main
-from ticketlab.errors import TicketlabError
+from ticketlab.errors import RunWriteError, TicketlabError
 from ticketlab.io.config import resolve
 from ticketlab.io.store import TMP_PREFIX, RunStore, atomic_write_bytes, read_checked_tensors
 from ticketlab.studies.imp import StoreCheckpointer
@@ -331,8 +331,9 @@ def test_failed_write_leaves_no_temp_file_and_the_old_file(tmp_path, monkeypatch
         monkeypatch.setattr(os, "fdopen", lambda fd, mode: Half(real_fdopen(fd, mode)))
     else:
         monkeypatch.setattr(os, fails, boom)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(RunWriteError, match="No space") as err:  # one line naming the file
         atomic_write_bytes(target, b"new payload" * 1000)
+    assert str(target) in str(err.value) and "\n" not in str(err.value)
     monkeypatch.undo()
     assert sorted(p.name for p in target.parent.iterdir()) == (["metrics.json"] if existed else [])
     if existed:

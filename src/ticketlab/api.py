@@ -26,17 +26,18 @@ from torch import nn
 
 from . import __version__
 from .core.mask import Mask
+from .core.seeds import derive_seed
 from .errors import TicketlabError
-from .io.config import Config, load_toml, resolve
+from .io.config import SUMMARY_ONLY, Config, load_toml, resolve
 from .io.export import ExportReport, export_ticket
 from .io.run_files import load_masks, load_rewind
-from .io.store import TMP_PREFIX, RunStore, atomic_write_bytes
-from .io.summary import answer_line, summarize, table
+from .io.store import TMP_PREFIX, RunStore, atomic_write_bytes, check_writable_folder
+from .io.summary import answer_line, stopped_lines, summarize, table
 from .studies.common import train_spec
-from .studies.imp import Setup, run_imp, total_steps
+from .studies.imp import Setup, check_settings, run_imp, total_steps
 from .train.stacked import State
 from .train.trainer import place_data
-from .zoo.data import Dataset, load_dataset, split_validation
+from .zoo.data import Dataset, load_dataset, redraw_split, split_validation
 from .zoo.models import build_model
 
 
@@ -58,6 +59,8 @@ class TicketSearch:
     def ticket(self, level: int, replicate: int = 0) -> tuple[Mask, State]:
         """The ticket of a level: its mask and the (masked) rewind weights it restarts from."""
         mask = load_masks(self.store, level, self.config)[replicate]
+        if not mask.tensors:
+            raise TicketlabError(f"replicate {replicate} has no ticket at level {level} (diverged)")
         rewind = load_rewind(self.store, self.config)[replicate]
         weights = {n: t * mask[n] if n in mask.tensors else t for n, t in rewind.items()}
         return mask, weights
@@ -77,6 +80,8 @@ def open_store(config: Config) -> RunStore:
     root = Path(config.out)
     store = RunStore(root, config.hash())
     saved = root / "config.toml"
+    if root.exists() and not root.is_dir():
+        raise TicketlabError(f"cannot use {root} as the run folder: it is a file")
     if saved.exists():
         previous = resolve_saved(saved)
         if previous.hash() != config.hash():
@@ -97,7 +102,7 @@ def _ours_before_config(name: str) -> bool:
 
 def resolve_saved(path: Path) -> Config:
     try:
-        return resolve(load_toml(path))
+        return resolve(load_toml(path), saved=True)
     except TicketlabError as exc:
         raise TicketlabError(f"{path} is not a usable run config: {exc}") from None
 
@@ -124,11 +129,23 @@ def run_search(
     init_state: Callable[[int], State] | None = None,
     data: Dataset | None = None,
     console: Console | None = None,
+    replicate_data: Callable[[int], Dataset] | None = None,
 ) -> TicketSearch:
     """Run (or resume) the search ``config`` describes, print its table, write its report."""
     console = console or Console(stderr=True)
     store = open_store(config)
-    data = data or load_dataset(config.data, config.val_fraction, config.seed)
+    if data is None:
+        data = load_dataset(config.data, config.val_fraction, config.seed)
+        if config.resplit:
+            splits = [
+                load_dataset(
+                    config.data,
+                    config.val_fraction,
+                    split_seed=derive_seed(config.seed, "split", r),
+                )
+                for r in range(config.replicates)
+            ]
+            replicate_data = splits.__getitem__
     if template is None:
         template = build_model(config.model, data.input_shape, data.num_classes, seed=0)
 
@@ -138,20 +155,23 @@ def run_search(
 
     assert init_state is not None
     spec = train_spec(config)  # settles the device (one line if it is not there) before writing
-    data = place_data(data, getattr(torch, spec.dtype), torch.device(spec.device))  # moved once
+    dtype, device = getattr(torch, spec.dtype), torch.device(spec.device)
+    data = place_data(data, dtype, device)  # moved once
+    if replicate_data is not None:
+        placed = [place_data(replicate_data(r), dtype, device) for r in range(config.replicates)]
+        replicate_data = placed.__getitem__
+
+    def warn(message: str) -> None:
+        console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+    setup = Setup(config, template, init_state, data, store, warn, replicate_data)
+    check_settings(setup)  # before anything is written
+    check_writable_folder(store.root)
     with store.lock():
-        if not store.path("config.toml").exists():
-            atomic_write_bytes(
-                store.path("config.toml"), tomli_w.dumps(config.to_toml_dict()).encode()
-            )
+        _write_config(store, config)
         if not store.exists("run.json"):  # separately: a run can be killed between the two
             store.write_json("run.json", _metadata(config, data))
         store.clean_temp_files()
-
-        def warn(message: str) -> None:
-            console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
-
-        setup = Setup(config, template, init_state, data, store, warn)
         with _progress_bar(console) as bar:
             task = bar.add_task("ticket search", total=total_steps(config))
             try:
@@ -159,7 +179,7 @@ def run_search(
             except BaseException:
                 bar.live.transient = True  # an error leaves its one line, not a half-drawn bar
                 raise
-        summary = summarize(levels, config.tolerance_pp)
+        summary = summarize_config(levels, config)
         store.write_json("summary.json", summary)
         if config.report:
             from .io.report import write_report
@@ -170,6 +190,27 @@ def run_search(
 
             log_tensorboard(store.root)
     return TicketSearch(store.root, config, levels, summary, template)
+
+
+def summarize_config(levels: list[dict[str, Any]], config: Config) -> dict[str, Any]:
+    return summarize(
+        levels,
+        config.tolerance_pp,
+        early_stop_tolerance=config.early_stop_tolerance,
+        eval_every=config.eval_every,
+        confidence=config.confidence,
+    )
+
+
+def _write_config(store: RunStore, config: Config) -> None:
+    """config.toml, written once; rewritten when only summary settings changed (a finished run
+    rerun with another tolerance is re-summarized, and its folder says with which)."""
+    path = store.path("config.toml")
+    if path.exists():
+        saved = resolve_saved(path)
+        if all(getattr(saved, k) == getattr(config, k) for k in SUMMARY_ONLY):
+            return
+    atomic_write_bytes(path, tomli_w.dumps(config.to_toml_dict()).encode())
 
 
 def _progress_bar(console: Console) -> Progress:
@@ -186,7 +227,11 @@ def _progress_bar(console: Console) -> Progress:
 
 
 def print_result(search: TicketSearch, console: Console) -> None:
+    if not console.is_terminal:  # piped or captured: the table's full width, not 80 columns
+        console.width = max(console.width, 200)
     console.print(table(search.summary))
+    for line in stopped_lines(search.summary):
+        console.print(line)
     console.print(answer_line(search.summary))
     console.print(f"Run folder: {search.run_dir}")
 
@@ -221,6 +266,12 @@ def find_ticket(
     x, y = (np.asarray(t) for t in train)
     x_test, y_test = (np.asarray(t) for t in test)
     data = split_validation("custom", x, y, x_test, y_test, config.val_fraction, config.seed)
+    splits = []
+    if config.resplit:
+        for r in range(config.replicates):
+            seed = derive_seed(config.seed, "split", r)
+            raw = redraw_split(x, y, x_test, y_test, seed)
+            splits.append(split_validation("custom", *raw, config.val_fraction, seed))
 
     def init_state(seed: int) -> State:
         fresh = copy.deepcopy(model)
@@ -231,4 +282,10 @@ def find_ticket(
                     module.reset_parameters()
         return {k: v.detach().clone() for k, v in fresh.state_dict().items()}
 
-    return run_search(config, template=model, init_state=init_state, data=data)
+    return run_search(
+        config,
+        template=model,
+        init_state=init_state,
+        data=data,
+        replicate_data=splits.__getitem__ if splits else None,
+    )

@@ -61,6 +61,24 @@ def find(
     conv_rate: Annotated[float | None, Opt(help="Fraction of conv weights per round.")] = None,
     output_rate: Annotated[float | None, Opt(help="Output layer rate (default fc/2).")] = None,
     scope: Annotated[str | None, Opt(help="layer (per-layer rates) or global.")] = None,
+    output_layer: Annotated[
+        str | None, Opt(help="Layer pruned at the output rate (default: found by a forward pass).")
+    ] = None,
+    schedule: Annotated[
+        str | None, Opt(help="rate (fraction of remaining), linear or list (sparsity targets).")
+    ] = None,
+    final_sparsity: Annotated[
+        float | None, Opt(help="Last level's sparsity of --schedule linear (default 0.99).")
+    ] = None,
+    sparsities: Annotated[
+        str | None, Opt(help="Comma-separated sparsity per level for --schedule list.")
+    ] = None,
+    data_order: Annotated[
+        str | None, Opt(help="shuffle (seeded per network) or cyclic (in order, the notebook).")
+    ] = None,
+    resplit: Annotated[
+        bool | None, Opt("--resplit", help="Each replicate redraws the train/val/test split.")
+    ] = None,
     exclude: Annotated[list[str] | None, Opt(help="Layer or parameter never pruned.")] = None,
     prune_biases: Annotated[bool | None, Opt("--prune-biases", help="Prune biases too.")] = None,
     criterion: Annotated[str | None, Opt(help="Mask criterion (default large_final).")] = None,
@@ -78,6 +96,12 @@ def find(
     no_controls: Annotated[bool, Opt("--no-controls", help="Run no control branch.")] = False,
     tolerance: Annotated[
         float | None, Opt("--tolerance", help="Winning-ticket tolerance in percentage points.")
+    ] = None,
+    early_stop_tolerance: Annotated[
+        int | None, Opt(help="Evaluations the ticket may stop later than dense (default 1).")
+    ] = None,
+    confidence: Annotated[
+        float | None, Opt(help="Confidence of the intervals over replicates (default 0.95).")
     ] = None,
     dtype: Annotated[str | None, Opt(help="float32 or float64.")] = None,
     precision: Annotated[
@@ -127,6 +151,12 @@ def find(
         "conv_rate": conv_rate,
         "output_rate": output_rate,
         "scope": scope,
+        "output_layer": output_layer,
+        "schedule": schedule,
+        "final_sparsity": final_sparsity,
+        "sparsities": _floats(sparsities, "sparsities") if sparsities is not None else None,
+        "data_order": data_order,
+        "resplit": resplit,
         "exclude": exclude or None,
         "prune_biases": prune_biases,
         "criterion": criterion,
@@ -136,6 +166,8 @@ def find(
         "retrain_steps": retrain_steps,
         "controls": [] if no_controls else (controls or None),
         "tolerance_pp": tolerance,
+        "early_stop_tolerance": early_stop_tolerance,
+        "confidence": confidence,
         "dtype": dtype,
         "precision": precision,
         "device": device,
@@ -162,6 +194,13 @@ def find(
     print_result(search, console)
     if config.report:
         console.print(f"Report: {search.run_dir / 'report' / 'index.html'}")
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise TicketlabError(f"{name} must be comma-separated numbers, got {text!r}") from None
 
 
 def _count(value: str | None) -> int | str | None:
@@ -304,6 +343,9 @@ def compare(
     where = {"model": model, "data": data, "seed": seed, "stack_size": stack_size, "out": out}
     where.update(eval_every=eval_every, lr=lr, device=device, precision=precision)
     validate(**where, **settings)
+    from .io.store import check_writable_folder
+
+    check_writable_folder(Path(out))
     from .backends import get_backend
 
     get_backend(backend, address)  # an unknown backend or a missing Ray: one line, before training
@@ -511,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         app(args=argv, standalone_mode=False, prog_name="ticketlab")
     except TicketlabError as exc:
         err.print(f"error: {one_line(str(exc))}", markup=False)
-        return 2
+        return exc.exit_code
     except TyperException as exc:  # usage errors: unknown option, bad value, missing argument
         err.print(f"error: {one_line(exc.format_message())}", markup=False)
         return 2

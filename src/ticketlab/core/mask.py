@@ -87,15 +87,62 @@ def prunable_names(
     return names
 
 
-def layer_kinds(model: nn.Module) -> dict[str, str]:
-    """'conv', 'fc' or 'output' per parameter name, for the paper's per-layer-kind pruning rates."""
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def prunable_layers(model: nn.Module) -> list[str]:
+    """Module names of every Linear/Conv layer (what ``--exclude`` and ``--output-layer`` name)."""
+    return [n for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
+
+
+def find_output_layer(model: nn.Module, sample: torch.Tensor) -> str | None:
+    """The Linear/Conv layer whose output *is* the model's output, found by running ``sample``
+    through the model with forward hooks (registration order says nothing: a module may define
+    ``self.head`` before ``self.body``). When no layer's output is returned as it is (a residual
+    or a scaling after the last layer), the last Linear/Conv layer to run. None: no such layer."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    hooks = [
+        module.register_forward_hook(lambda _m, _i, out, name=name: seen.append((name, out)))
+        for name, module in model.named_modules()
+        if isinstance(module, PRUNABLE_TYPES)
+    ]
+    training = model.training
+    model.eval()  # the probe must not move BatchNorm's running statistics
+    try:
+        with torch.no_grad():
+            output = model(sample)
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    for name, out in reversed(seen):
+        if out is output:
+            return name
+    return seen[-1][0] if seen else None
+
+
+def layer_groups(names: Iterable[str]) -> list[list[str]]:
+    """Parameter names grouped by their module: a layer's weight and bias rank together."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.rpartition(".")[0], []).append(name)
+    return list(groups.values())
+
+
+def layer_kinds(model: nn.Module, output_layer: str | None = None) -> dict[str, str]:
+    """'conv', 'fc' or 'output' per parameter name, for the paper's per-layer-kind pruning rates.
+
+    ``output_layer``: the module name of the output layer (see ``find_output_layer``); without
+    it, the last Linear registered (a guess that a module defining its head first gets wrong)."""
+    if output_layer is None:
+        linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        output_layer = linear_names[-1] if linear_names else None
     kinds = {}
     for module_name, module in model.named_modules():
-        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
-            kind = "conv"
-        elif isinstance(module, nn.Linear):
-            kind = "output" if linear_names and module_name == linear_names[-1] else "fc"
+        if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            kind = "conv" if not isinstance(module, nn.Linear) else "fc"
+            if module_name == output_layer:
+                kind = "output"
         else:
             continue
         for param_name, _ in module.named_parameters(recurse=False):

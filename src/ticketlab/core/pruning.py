@@ -1,55 +1,105 @@
-"""Remove a fraction of the *remaining* weights, layer by layer or globally.
+"""Remove a fraction of the *remaining* weights, or prune to a target density, per layer or
+globally.
 
 Counts are exact: a layer with ``a`` weights alive pruned at rate ``r`` keeps ``a - round(r*a)``.
-Ties are broken by position so the result is deterministic. Masks only ever shrink.
+Ties are broken by position so the result is deterministic. Masks only ever shrink, whatever the
+scores: only alive entries are ranked (a dead weight can never win back its place, even against an
+alive weight scored -inf), and a NaN score ranks below every number (a diverged weight goes first).
+
+A *group* is a list of parameter names ranked together as one layer: the MNIST-1D notebook ranks a
+layer's weights and bias in one ranking. Without groups every tensor is its own layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from .mask import Mask
 
+Groups = Sequence[Sequence[str]]
+
 
 def _keep_top(scores: torch.Tensor, alive: torch.Tensor, n_keep: int) -> torch.Tensor:
     """Boolean mask of the ``n_keep`` highest-scoring alive entries (dead entries never return)."""
-    flat_scores = scores.detach().flatten().to(torch.float64)
     flat_alive = alive.flatten()
-    masked = torch.where(flat_alive, flat_scores, torch.full_like(flat_scores, -torch.inf))
+    alive_at = torch.nonzero(flat_alive).flatten()
+    ranked = scores.detach().flatten()[alive_at].to(torch.float64)
+    ranked = torch.where(torch.isnan(ranked), torch.full_like(ranked, -torch.inf), ranked)
     # stable descending sort: among equal scores the earlier position wins
-    order = torch.sort(masked, descending=True, stable=True).indices[:n_keep]
+    order = torch.sort(ranked, descending=True, stable=True).indices[: max(0, n_keep)]
     keep = torch.zeros_like(flat_alive)
-    keep[order] = True
+    keep[alive_at[order]] = True
     return keep.view_as(alive)
 
 
+def _groups(mask: Mask, groups: Groups | None) -> list[list[str]]:
+    if groups is None:
+        return [[n] for n in mask.names()]
+    listed = [n for g in groups for n in g]
+    missing = [n for n in mask.names() if n not in listed]
+    return [
+        [n for n in g if n in mask.tensors] for g in groups if any(n in mask.tensors for n in g)
+    ] + [[n] for n in missing]
+
+
+def _prune_group(
+    mask: Mask, scores: Mapping[str, torch.Tensor], names: list[str], n_keep_of
+) -> dict[str, torch.Tensor]:
+    """Rank the group's tensors together; ``n_keep_of(alive, size)`` says how many survive."""
+    alive = torch.cat([mask[n].flatten() for n in names])
+    flat = torch.cat([scores[n].detach().flatten().to(torch.float64) for n in names])
+    n_alive = int(alive.sum())
+    keep = _keep_top(flat, alive, min(n_alive, n_keep_of(n_alive, alive.numel())))
+    out, start = {}, 0
+    for n in names:
+        count = mask[n].numel()
+        out[n] = keep[start : start + count].view_as(mask[n])
+        start += count
+    return out
+
+
 def prune_layerwise(
-    mask: Mask, scores: Mapping[str, torch.Tensor], rates: Mapping[str, float]
+    mask: Mask,
+    scores: Mapping[str, torch.Tensor],
+    rates: Mapping[str, float],
+    groups: Groups | None = None,
 ) -> Mask:
-    """Each layer loses ``rates[name]`` of its remaining weights (the paper's Lenet/Conv way)."""
-    new = {}
-    for name, alive in mask.tensors.items():
-        n_alive = int(alive.sum())
-        n_keep = n_alive - int(round(rates.get(name, 0.0) * n_alive))
-        new[name] = _keep_top(scores[name], alive, n_keep)
-    return Mask(new)
+    """Each layer loses ``rates[name]`` of its remaining weights (the paper's Lenet/Conv way); a
+    group takes the rate of its first member."""
+    new: dict[str, torch.Tensor] = {}
+    for names in _groups(mask, groups):
+        rate = rates.get(names[0], 0.0)
+        new.update(_prune_group(mask, scores, names, lambda a, _s, r=rate: a - int(round(r * a))))
+    return Mask({n: new[n] for n in mask.names()})
 
 
 def prune_global(mask: Mask, scores: Mapping[str, torch.Tensor], rate: float) -> Mask:
     """All layers compete in one ranking; ``rate`` of all remaining weights go (VGG/ResNet way)."""
-    names = mask.names()
-    alive = torch.cat([mask[n].flatten() for n in names])
-    flat_scores = torch.cat([scores[n].detach().flatten().to(torch.float64) for n in names])
-    n_alive = int(alive.sum())
-    keep = _keep_top(flat_scores, alive, n_alive - int(round(rate * n_alive)))
-    new, start = {}, 0
-    for n in names:
-        count = mask[n].numel()
-        new[n] = keep[start : start + count].view_as(mask[n])
-        start += count
-    return Mask(new)
+    return Mask(_prune_group(mask, scores, mask.names(), lambda a, _s: a - int(round(rate * a))))
+
+
+def prune_to_density(
+    mask: Mask,
+    scores: Mapping[str, torch.Tensor],
+    density: float,
+    scope: str = "layer",
+    groups: Groups | None = None,
+) -> Mask:
+    """Prune to a target: every layer (``layer``) or the whole network (``global``) keeps
+    ``round(density * size)`` weights, or what is alive if that is fewer (a sparsity schedule such
+    as the notebook's 0 -> 0.99 over 100 rounds)."""
+
+    def n_keep(_alive: int, size: int) -> int:
+        return int(round(density * size))
+
+    if scope == "global":
+        return Mask(_prune_group(mask, scores, mask.names(), n_keep))
+    new: dict[str, torch.Tensor] = {}
+    for names in _groups(mask, groups):
+        new.update(_prune_group(mask, scores, names, n_keep))
+    return Mask({n: new[n] for n in mask.names()})
 
 
 def prune(
@@ -57,21 +107,31 @@ def prune(
     scores: Mapping[str, torch.Tensor],
     rates: Mapping[str, float],
     scope: str = "layer",
+    groups: Groups | None = None,
 ) -> Mask:
-    """Dispatch on scope; for 'global' every rate must be equal (it is one ranking)."""
+    """Dispatch on scope; for 'global' there is one rate (the config refuses per-layer rates)."""
     if scope == "layer":
-        return prune_layerwise(mask, scores, rates)
+        return prune_layerwise(mask, scores, rates, groups)
     global_rate = max(rates.values()) if rates else 0.0
     return prune_global(mask, scores, global_rate)
 
 
-def random_mask_like(mask: Mask, generator: torch.Generator) -> Mask:
-    """A random mask with exactly the same number alive per layer: the random-prune control."""
-    new = {}
-    for name, keep in mask.tensors.items():
-        noise = torch.rand(keep.shape, generator=generator, dtype=torch.float64)
-        new[name] = _keep_top(noise, torch.ones_like(keep), int(keep.sum()))
-    return Mask(new)
+def random_mask_like(mask: Mask, generator: torch.Generator, groups: Groups | None = None) -> Mask:
+    """A random mask with exactly the same number alive per layer: the random-prune control.
+
+    With ``groups`` a layer is its group (weight and bias ranked together): the group keeps the
+    ticket's count, placed uniformly over all its entries, so the control does not inherit which
+    of the layer's tensors the ticket kept more of (a ticket that keeps most biases would
+    otherwise hand that choice to its control)."""
+    new: dict[str, torch.Tensor] = {}
+    for names in _groups(mask, groups):
+        noise = {
+            n: torch.rand(mask[n].shape, generator=generator, dtype=torch.float64) for n in names
+        }
+        full = Mask({n: torch.ones_like(mask[n]) for n in names})
+        count = sum(int(mask[n].sum()) for n in names)
+        new.update(_prune_group(full, noise, names, lambda _a, _s, k=count: k))
+    return Mask({n: new[n] for n in mask.names()})
 
 
 def keep_top_global(mask: Mask, scores: Mapping[str, torch.Tensor], n_keep: int) -> Mask:

@@ -97,6 +97,11 @@ def export_ticket(
     if not 0 <= replicate < config.replicates:
         raise TicketlabError(f"replicate must be in [0, {config.replicates}), got {replicate}")
     mask = load_masks(store, level, config)[replicate]
+    if not mask.tensors:
+        raise TicketlabError(
+            f"replicate {replicate} has no ticket at level {level}: its ticket diverged at an "
+            "earlier level and its pruning stopped there"
+        )
     source = run_weights(store, config, level, weights)[replicate]
     state = {n: t * mask[n] if n in mask.tensors else t for n, t in source.items()}
     input_shape, num_classes = _io_shape(store)

@@ -37,7 +37,7 @@ else:  # pragma: no cover
 
 from ..errors import TicketlabError
 from .store import atomic_write_bytes
-from .summary import answer_line, summarize
+from .summary import answer_line, diff_cell, stopped_lines, summarize, verdict_cell
 
 PAPER_BRANCHES = ("ticket", "reinit", "random_prune")
 BRANCH_COLORS = {"ticket": "tab:blue", "reinit": "tab:orange", "random_prune": "tab:green"}
@@ -73,6 +73,7 @@ class RunData:
     winning_ticket: dict[str, Any] | None
     tolerance_pp: float
     finished: bool
+    summary: dict[str, Any] | None = None
 
     def branches(self) -> list[str]:
         return _ordered(b for row in self.rows for b in row["branches"])
@@ -115,7 +116,13 @@ def _load_run(path: Path, name: str | None) -> RunData:
     if finished:
         summary = _read_json(summary_path)
     elif levels:
-        summary = summarize(levels, float(config.get("tolerance_pp", 0.5)))
+        summary = summarize(
+            levels,
+            float(config.get("tolerance_pp", 0.5)),
+            early_stop_tolerance=int(config.get("early_stop_tolerance", 1)),
+            eval_every=int(config.get("eval_every", 100)),
+            confidence=float(config.get("confidence", 0.95)),
+        )
     else:
         raise TicketlabError(f"{path}: no finished level yet, nothing to report")
     for row in summary["rows"]:  # fail here, with the folder's name, not while drawing
@@ -133,6 +140,7 @@ def _load_run(path: Path, name: str | None) -> RunData:
         winning_ticket=summary.get("winning_ticket"),
         tolerance_pp=float(summary.get("tolerance_pp", config.get("tolerance_pp", 0.5))),
         finished=finished,
+        summary=summary,
     )
 
 
@@ -453,6 +461,20 @@ def layers_figure(runs: Sequence[RunData]) -> Figure:
                 color=f"C{i % 10}",
                 label=_label(runs, run, layer),
             )
+            control = [
+                _pct(_num(m.get("control_layer_remaining", {}).get("random_prune", {}).get(layer)))
+                for m in run.levels
+            ]
+            if any(math.isfinite(v) for v in control):
+                ax.plot(
+                    x,
+                    control,
+                    linestyle="none",
+                    marker="x",
+                    markersize=7,
+                    color=f"C{i % 10}",
+                    label=_label(runs, run, f"{layer} (random-prune control)"),
+                )
         ax.plot(
             x, x, linestyle=style, color="black", linewidth=1, label=_label(runs, run, "all layers")
         )
@@ -464,7 +486,12 @@ def layers_figure(runs: Sequence[RunData]) -> Figure:
     ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _format_pct(v)))
     ax.set_ylabel("% of the layer's weights remaining")
-    _titles(fig, ax, f"Per-layer sparsity: {_title(runs)}", "the ticket's mask, replicate 0")
+    _titles(
+        fig,
+        ax,
+        f"Per-layer sparsity: {_title(runs)}",
+        "the ticket's mask (lines) and the random-prune control's (x), replicate 0",
+    )
     _outside_legend(fig, ax)
     return fig
 
@@ -569,9 +596,9 @@ def _diverged(row: dict[str, Any], branch: str) -> int:
 
 def winning_sentence(run: RunData, progress: bool = True) -> str:
     """The run's answer (as the CLI prints it), noting when the run has not finished."""
-    sentence = answer_line(
-        {"winning_ticket": run.winning_ticket, "tolerance_pp": _fmt_tol(run.tolerance_pp)}
-    )
+    summary = dict(run.summary or {"winning_ticket": run.winning_ticket})
+    summary["tolerance_pp"] = _fmt_tol(run.tolerance_pp)
+    sentence = answer_line(summary)
     if progress and not run.finished:
         sentence += f" (Run not finished: {len(run.rows)} levels so far, no summary.json yet.)"
     return sentence
@@ -587,6 +614,8 @@ def table_rows(run: RunData) -> tuple[list[str], list[list[str]]]:
     header = ["level", "% weights"]
     for branch in run.branches():
         header += [f"{branch} acc. (%)", f"{branch} ES iter."]
+    controls = [b for b in run.branches() if b != "ticket"]
+    header += ["ticket − dense (pp)"] + [f"ticket − {b} (pp)" for b in controls] + ["verdict"]
     rows = []
     for row in run.rows:
         win = bool(run.winning_ticket) and run.winning_ticket["level"] == row["level"]
@@ -602,6 +631,10 @@ def table_rows(run: RunData) -> tuple[list[str], list[list[str]]]:
             if n := _diverged(row, branch):
                 acc += f" ({n} diverged)"
             cells += [acc, _iter_cell(_stat(row, branch, "early_stop_iter"))]
+        compare = row.get("compare") or {}
+        cells += [diff_cell(compare.get("dense")) if compare else ""]
+        cells += [diff_cell(compare.get(b)) if compare else "" for b in controls]
+        cells.append(verdict_cell(row))
         rows.append(cells)
     return header, rows
 
@@ -611,13 +644,17 @@ def summary_markdown(runs: Sequence[RunData]) -> str:
     for run in runs:
         header, rows = table_rows(run)
         out += [f"## {run.name}", "", winning_sentence(run), ""]
+        for line in stopped_lines({"rows": run.rows}):
+            out += [f"**{line}**", ""]
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "|".join("---:" for _ in header) + "|")
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in rows]
         out += [
             "",
             "acc.: test accuracy at early stop; ES iter.: early-stop iteration. Mean ± std over "
-            "replicates; diverged networks are excluded and counted.",
+            "replicates; diverged networks are excluded and counted. ticket − other: mean "
+            "difference over paired replicates with its t-interval in brackets ([n=1]: one "
+            "replicate, no interval).",
             "",
         ]
     return "\n".join(out)
@@ -649,7 +686,11 @@ def _html_table(run: RunData) -> str:
     head1 = '<th rowspan="2">level</th><th rowspan="2">% weights<br>remaining</th>' + "".join(
         f'<th colspan="2">{e(b)}</th>' for b in branches
     )
+    controls = [b for b in branches if b != "ticket"]
+    head1 += f'<th colspan="{1 + len(controls)}">ticket − other (pp, CI)</th>'
+    head1 += '<th rowspan="2">verdict</th>'
     head2 = "".join("<th>acc. (%)</th><th>ES iter.</th>" for _ in branches)
+    head2 += "<th>dense</th>" + "".join(f"<th>{e(b)}</th>" for b in controls)
     _, rows = table_rows(run)
     body = []
     for row, cells in zip(run.rows, rows, strict=True):
@@ -697,6 +738,8 @@ def report_html(
     for run in runs:
         who = f"<b>{e(run.name)}:</b> " if multi else ""
         parts.append(f'<p class="answer">{who}{e(winning_sentence(run, progress=False))}</p>')
+        for line in stopped_lines({"rows": run.rows}):
+            parts.append(f'<p class="warn">{who}{e(line)}</p>')
         if not run.finished:
             parts.append(
                 f'<p class="pending">{who}this run has not finished (no summary.json yet); the '

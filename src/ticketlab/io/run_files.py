@@ -7,6 +7,8 @@ from ..train.stacked import State
 from .config import Config
 from .store import RunStore
 
+CONTROL_MASKS = "control_masks.safetensors"  # the random-prune control's masks, per replicate
+
 
 def level_dir(level: int) -> str:
     return f"levels/level_{level:02d}"
@@ -27,3 +29,12 @@ def load_rewind(store: RunStore, c: Config) -> list[State]:
 
 def load_masks(store: RunStore, level: int, c: Config) -> list[Mask]:
     return [Mask(s) for s in load_replicates(store, f"{level_dir(level)}/masks.safetensors", c)]
+
+
+def load_control_masks(store: RunStore, level: int, c: Config) -> list[Mask | None]:
+    """The random-prune control's mask of each replicate at ``level`` (None where none was
+    trained: the dense level, a run without that control, a replicate stopped by divergence)."""
+    if not store.exists(f"{level_dir(level)}/{CONTROL_MASKS}"):
+        return [None] * c.replicates
+    states = load_replicates(store, f"{level_dir(level)}/{CONTROL_MASKS}", c)
+    return [Mask(s) if s else None for s in states]

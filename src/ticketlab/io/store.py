@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..errors import TicketlabError
+from ..errors import RunWriteError, TicketlabError
 
 CHECKSUM_KEY = "_checksum"
 CONFIG_HASH_KEY = "_config_hash"
@@ -31,6 +31,40 @@ TMP_PREFIX = ".tmp-"
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write whole or not at all; a refusal of the file system (disk full, read-only, permission)
+    is one line naming the path (``RunWriteError``), and the previous file, if any, is kept."""
+    try:
+        _atomic_write_bytes(path, payload)
+    except OSError as exc:
+        raise RunWriteError(
+            f"cannot write {path}: {exc.strerror or exc}; files already finished are kept, "
+            "rerun the same command to resume"
+        ) from None
+
+
+def check_writable_folder(root: Path) -> None:
+    """Create ``root`` (and its parents) and prove a file can be written there, or refuse in one
+    line naming the path: a file in the way, a missing parent that cannot be made, no permission,
+    a read-only file system. Called before any training."""
+    root = Path(root)
+    for parent in [root, *root.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise TicketlabError(f"cannot use {root} as the run folder: {parent} is a file")
+        if parent.exists():
+            break
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX + "probe.", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise TicketlabError(
+            f"cannot write the run folder {root}: {exc.strerror or exc}"
+            + (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(root) else "")
+        ) from None
+
+
+def _atomic_write_bytes(path: Path, payload: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
     try:

@@ -82,4 +82,5 @@ def train_spec(c: Config) -> TrainSpec:
         device=str(placement(c.device, c.precision, c.dtype).device),
         precision=c.precision,
         augment=c.augment,
+        data_order=c.data_order,
     )

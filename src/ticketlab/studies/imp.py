@@ -17,12 +17,27 @@ from torch import nn
 
 from ..backends import Backend, get_backend
 from ..core.criteria import get_criterion
-from ..core.mask import Mask, layer_kinds, prunable_names
-from ..core.pruning import prune, random_mask_like
+from ..core.mask import (
+    Mask,
+    find_output_layer,
+    layer_groups,
+    layer_kinds,
+    prunable_layers,
+    prunable_names,
+)
+from ..core.pruning import prune, prune_to_density, random_mask_like
 from ..core.resets import get_reset
 from ..core.seeds import derive_seed
+from ..errors import TicketlabError
 from ..io.config import Config
-from ..io.run_files import level_dir, load_masks, load_replicates, load_rewind
+from ..io.run_files import (
+    CONTROL_MASKS,
+    level_dir,
+    load_control_masks,
+    load_masks,
+    load_replicates,
+    load_rewind,
+)
 from ..io.store import RunStore
 from ..train.stacked import State
 from ..train.trainer import Job, Progress, Result, TrainSpec, chunk_count, train
@@ -42,16 +57,32 @@ class Setup:
     data: Dataset
     store: RunStore
     warn: Callable[[str], None] = field(default=_warn_stderr, compare=False)
+    # with ``resplit``: replicate r's own train/validation/test split
+    replicate_data: Callable[[int], Dataset] | None = field(default=None, compare=False)
 
     @property
     def prunable(self) -> list[str]:
         return prunable_names(self.template, self.config.prune_biases, self.config.exclude)
 
+    @cached_property
+    def output_layer(self) -> str | None:
+        """The layer pruned at the output rate: given, or found from a forward pass."""
+        return self.config.output_layer or find_output_layer(self.template, self.data.x_train[:2])
+
     def rates(self) -> dict[str, float]:
         c = self.config
         by_kind = {"conv": c.conv_rate, "fc": c.fc_rate, "output": c.output_layer_rate()}
-        kinds = layer_kinds(self.template)
+        kinds = layer_kinds(self.template, self.output_layer)
         return {name: by_kind[kinds[name]] for name in self.prunable}
+
+    def groups(self) -> list[list[str]] | None:
+        """With biases pruned, a layer's weight and bias are ranked together (the notebook)."""
+        return layer_groups(self.prunable) if self.config.prune_biases else None
+
+    def data_for(self, replicate: int) -> Dataset:
+        if self.config.resplit and self.replicate_data is not None:
+            return self.replicate_data(replicate)
+        return self.data
 
     def spec(self) -> TrainSpec:
         return train_spec(self.config)
@@ -65,30 +96,68 @@ class Setup:
         return get_backend(self.config.backend, self.config.address)
 
 
+def check_settings(setup: Setup) -> None:
+    """Refuse, before anything is written, settings that name what the model does not have."""
+    layers = prunable_layers(setup.template)
+    known = set(layers) | set(prunable_names(setup.template, prune_biases=True))
+    unknown = [name for name in setup.config.exclude if name not in known]
+    if unknown:
+        raise TicketlabError(
+            f"exclude names no prunable layer or parameter: {unknown[0]!r}; prunable layers: "
+            f"{', '.join(layers) or 'none'}"
+        )
+    output = setup.config.output_layer
+    if output is not None and output not in layers:
+        raise TicketlabError(
+            f"output_layer {output!r} is not a Linear/Conv layer of the model; layers: "
+            f"{', '.join(layers) or 'none'}"
+        )
+    if not setup.prunable:
+        raise TicketlabError("nothing left to prune: every Linear/Conv layer is excluded")
+
+
 def run_imp(setup: Setup, progress: Progress | None = None) -> list[dict]:
-    """The IMP loop: train -> score -> prune -> reset -> repeat. Returns every level's metrics."""
+    """The IMP loop: train -> score -> prune -> reset -> repeat. Returns every level's metrics.
+
+    A replicate whose ticket diverged (NaN/inf loss) stops there: its mask is not pruned further
+    and its networks are not trained at later levels (each level's metrics say so)."""
     c, store = setup.config, setup.store
     weights = setup.template.state_dict()
     masks = [Mask.ones_like({n: weights[n] for n in setup.prunable})] * c.replicates
+    stopped: dict[int, int] = {}  # replicate -> level at which its ticket diverged
     metrics = []
     for level in range(c.levels + 1):
+        if len(stopped) == c.replicates:
+            setup.warn(f"every replicate's ticket diverged; stopping before level {level}")
+            break
         if store.exists(f"{level_dir(level)}/metrics.json"):
             load_masks(store, level, c)  # verified (checksum, owner); the loop recomputes them
+            if store.exists(f"{level_dir(level)}/{CONTROL_MASKS}"):
+                load_control_masks(store, level, c)
             remove_checkpoints(store, level)  # left if a run was killed just after metrics.json
             if progress:
-                progress(level_size(c, level) * level_steps(c, level))
+                progress(level_size(c, level, len(stopped)) * level_steps(c, level))
         else:
-            jobs = branch_jobs(setup, level, masks, restart_points(store, c, level))
-            results = train_level(setup, level, [job for _, _, job in jobs], progress)
-            save_level(setup, level, jobs, results)
+            jobs = branch_jobs(setup, level, masks, restart_points(store, c, level), stopped)
+            results = train_level(setup, level, jobs, progress)
+            save_level(setup, level, jobs, results, stopped)
         metrics.append(store.read_json(f"{level_dir(level)}/metrics.json"))
+        for net in metrics[-1]["networks"]:
+            if net["branch"] == "ticket" and net["diverged"]:
+                stopped.setdefault(net["replicate"], level)
         finals = load_replicates(store, f"{level_dir(level)}/ticket_final.safetensors", c)
         rewind = load_rewind(store, c)
         criterion = get_criterion(c.criterion)
+        target = c.target_density(level + 1) if level < c.levels else None
         for r in range(c.replicates):
+            if r in stopped:
+                continue
             g = torch.Generator().manual_seed(derive_seed(c.seed, "criterion", r, level))
             scores = {n: criterion(rewind[r][n], finals[r][n], g) for n in setup.prunable}
-            masks[r] = prune(masks[r], scores, setup.rates(), c.scope)
+            if target is None:
+                masks[r] = prune(masks[r], scores, setup.rates(), c.scope, setup.groups())
+            else:
+                masks[r] = prune_to_density(masks[r], scores, target, c.scope, setup.groups())
     return metrics
 
 
@@ -119,13 +188,19 @@ def level_spec(c: Config, level: int) -> TrainSpec:
 
 
 def branch_jobs(
-    setup: Setup, level: int, masks: list[Mask], rewind: list[State] | None
+    setup: Setup,
+    level: int,
+    masks: list[Mask],
+    rewind: list[State] | None,
+    stopped: dict[int, int] | None = None,
 ) -> list[tuple[str, int, Job]]:
     """(branch, replicate, job) for each network of a level: the ticket and the paper's controls."""
     c = setup.config
     jobs = []
     for branch in branches(c, level):
         for r in range(c.replicates):
+            if stopped and r in stopped:
+                continue
             seed = data_seed(c, r, level, branch)
             job = _make_job(setup, level, branch, r, masks[r], rewind, seed)
             jobs.append((branch, r, job))
@@ -137,8 +212,8 @@ def branches(c: Config, level: int) -> list[str]:
     return ["ticket"] + (list(c.controls) if level else [])
 
 
-def level_size(c: Config, level: int) -> int:
-    return len(branches(c, level)) * c.replicates
+def level_size(c: Config, level: int, stopped: int = 0) -> int:
+    return len(branches(c, level)) * (c.replicates - stopped)
 
 
 def _make_job(
@@ -157,9 +232,8 @@ def _make_job(
     rewind = rewinds[r]
     reset_name = {"ticket": c.reset, "reinit": "reinit", "random_prune": "rewind"}[branch]
     if branch == "random_prune":
-        mask = random_mask_like(
-            mask, torch.Generator().manual_seed(derive_seed(c.seed, branch, r, level))
-        )
+        g = torch.Generator().manual_seed(derive_seed(c.seed, branch, r, level))
+        mask = random_mask_like(mask, g, setup.groups())
     fresh = setup.init_state(derive_seed(c.seed, "fresh", branch, r, level))
     reset = get_reset(reset_name)
     g = torch.Generator().manual_seed(derive_seed(c.seed, "reset", branch, r, level))
@@ -176,7 +250,28 @@ def level_steps(c: Config, level: int) -> int:
 
 
 def train_level(
-    setup: Setup, level: int, jobs: list[Job], progress: Progress | None
+    setup: Setup, level: int, jobs: list[tuple[str, int, Job]], progress: Progress | None
+) -> list[Result]:
+    """Train a level's networks; with ``resplit`` each replicate's own split trains apart."""
+    if not setup.config.resplit:
+        return _train_group(setup, level, "", [job for _, _, job in jobs], setup.data, progress)
+    results: dict[int, Result] = {}
+    for r in dict.fromkeys(rep for _, rep, _ in jobs):
+        mine = [i for i, (_, rep, _) in enumerate(jobs) if rep == r]
+        trained = _train_group(
+            setup, level, f"r{r}_", [jobs[i][2] for i in mine], setup.data_for(r), progress
+        )
+        results.update(zip(mine, trained, strict=True))
+    return [results[i] for i in range(len(jobs))]
+
+
+def _train_group(
+    setup: Setup,
+    level: int,
+    prefix: str,
+    jobs: list[Job],
+    data: Dataset,
+    progress: Progress | None,
 ) -> list[Result]:
     size, spec = setup.stack_size(), level_spec(setup.config, level)
     starts = [j.start_step for j in jobs]
@@ -184,7 +279,7 @@ def train_level(
     checkpointers = [
         StoreCheckpointer(
             setup.store,
-            f"{level_dir(level)}/checkpoint_s{size or 0}_c{i}.safetensors",
+            f"{level_dir(level)}/checkpoint_{prefix}s{size or 0}_c{i}.safetensors",
             setup.config.checkpoint_every,
             setup.warn,
         )
@@ -193,7 +288,7 @@ def train_level(
     return train(
         setup.template,
         jobs,
-        setup.data,
+        data,
         spec,
         stack_size=size,
         progress=progress,
@@ -203,13 +298,18 @@ def train_level(
 
 
 def save_level(
-    setup: Setup, level: int, jobs: list[tuple[str, int, Job]], results: list[Result]
+    setup: Setup,
+    level: int,
+    jobs: list[tuple[str, int, Job]],
+    results: list[Result],
+    stopped: dict[int, int] | None = None,
 ) -> None:
     """Tensors first, metrics.json last: its existence marks the level as done."""
     c, store, where = setup.config, setup.store, level_dir(level)
     tickets = [
         (r, job, res) for (b, r, job), res in zip(jobs, results, strict=True) if b == "ticket"
     ]
+    controls = [(r, job) for b, r, job in jobs if b == "random_prune"]
     if level == 0:
         store.write_tensors(
             "rewind.safetensors",
@@ -220,6 +320,11 @@ def save_level(
         f"{where}/masks.safetensors",
         {f"r{r}/{n}": job.mask[n] for r, job, _ in tickets for n in job.mask.names()},
     )
+    if controls:  # the random-prune control's masks, beside the ticket's
+        store.write_tensors(
+            f"{where}/{CONTROL_MASKS}",
+            {f"r{r}/{n}": job.mask[n] for r, job in controls for n in job.mask.names()},
+        )
     store.write_tensors(
         f"{where}/ticket_final.safetensors",
         {f"r{r}/{n}": t for r, _, res in tickets for n, t in res.final.items()},
@@ -229,6 +334,11 @@ def save_level(
         {f"r{r}/{n}": t for r, _, res in tickets for n, t in (res.early_stop or {}).items()},
     )
     ticket_mask = tickets[0][1].mask
+    extra = {}
+    if controls:
+        extra["control_layer_remaining"] = {"random_prune": controls[0][1].mask.layer_density()}
+    if stopped:
+        extra["stopped"] = {str(r): at for r, at in sorted(stopped.items())}
     networks = [
         {"branch": b, "replicate": r, "weights_remaining": job.mask.density(), **res.metrics()}
         for (b, r, job), res in zip(jobs, results, strict=True)
@@ -240,6 +350,7 @@ def save_level(
             "weights_remaining": ticket_mask.density(),
             "layer_remaining": ticket_mask.layer_density(),
             "networks": networks,
+            **extra,
         },
     )
     remove_checkpoints(store, level)

@@ -66,6 +66,9 @@ class TrainSpec:
     warmup_steps: int = 0
     dtype: str = "float32"
     cosine: bool = False  # decay to 0 along a half cosine over ``steps`` (edge-popup's schedule)
+    # "shuffle": each network its own seeded permutation per epoch; "cyclic": every network takes
+    # the training set in order, batch after batch, wrapping around (the MNIST-1D notebook's loop)
+    data_order: str = "shuffle"
     augment: str = "none"  # random crops / flips of training images, see ``augment.py``
     device: str = "cpu"  # see device.py: where the stacks train (results always come back on CPU)
     precision: str = "fp32"  # fp32, or bf16/fp16 autocast over float32 master weights
@@ -462,7 +465,9 @@ def _train_loop(
     where = where or spec.placement()
     autocast, scaler = where.autocast, run.scaler
     k = stack.size
-    batches = Batches(data, [j.data_seed for j in jobs], spec.batch_size, spec.augment)
+    batches = Batches(
+        data, [j.data_seed for j in jobs], spec.batch_size, spec.augment, spec.data_order
+    )
     start = jobs[0].start_step
     eval_at = {start, *(s for s in spec.eval_steps() if s > start)}
     snapshot_at: dict[int, list[int]] = {}
@@ -531,13 +536,21 @@ def _stop_requested(stack: Stack, jobs: Sequence[Job], step: int, stopping: list
 class Batches:
     """Each network's minibatch for a step, gathered with one ``index_select`` into reused buffers.
 
-    Network ``i`` sees ``epoch_permutation(seed_i, epoch)`` in order; ``x`` comes back as
-    ``[K, B, *input_shape]`` and ``y`` flat as ``[K*B]``. With ``augment`` (images only), each
-    network's images are cropped and flipped as ``augment.draw(seed_i, epoch)`` says, the whole
-    ``[K*B]`` batch in one go.
+    Network ``i`` sees ``epoch_permutation(seed_i, epoch)`` in order (``cyclic``: every network
+    sees examples ``step*B .. step*B + B - 1`` modulo the set's size, without augmentation);
+    ``x`` comes back as ``[K, B, *input_shape]`` and ``y`` flat as ``[K*B]``. With ``augment``
+    (images only), each network's images are cropped and flipped as ``augment.draw(seed_i,
+    epoch)`` says, the whole ``[K*B]`` batch in one go.
     """
 
-    def __init__(self, data: Dataset, seeds: list[int], batch: int, augment: str = "none"):
+    def __init__(
+        self,
+        data: Dataset,
+        seeds: list[int],
+        batch: int,
+        augment: str = "none",
+        order: str = "shuffle",
+    ):
         self.n = data.x_train.shape[0]
         self.x = data.x_train.reshape(self.n, -1)
         self.y = data.y_train
@@ -549,6 +562,7 @@ class Batches:
         rows = len(seeds) * min(batch, self.n)
         self.x_out = torch.empty(rows, self.x.shape[1], dtype=self.x.dtype, device=self.x.device)
         self.y_out = torch.empty(rows, dtype=self.y.dtype, device=self.y.device)
+        self.cyclic = order == "cyclic"
         self.augment = augment if augment != "none" else None
         if self.augment is not None:
             if len(self.shape) != 3:
@@ -560,6 +574,13 @@ class Batches:
             self.draws: list[augmentation.Draw] = []
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cyclic:
+            start = step * self.batch
+            one = torch.arange(start, start + min(self.batch, self.n)) % self.n
+            idx = one.repeat(len(self.seeds))
+            torch.index_select(self.x, 0, idx, out=self.x_out)
+            torch.index_select(self.y, 0, idx, out=self.y_out)
+            return self.x_out.view(len(self.seeds), -1, *self.shape), self.y_out
         epoch, position = divmod(step, self.per_epoch)
         if epoch != self.epoch:
             perms = torch.stack([epoch_permutation(s, epoch, self.n) for s in self.seeds])
