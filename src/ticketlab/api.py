@@ -92,6 +92,8 @@ def _metadata(config: Config, data: Dataset) -> dict[str, Any]:
     return {
         "input_shape": list(data.input_shape),
         "num_classes": data.num_classes,
+        "task": data.task,
+        **({"data_digest": data.digest} if data.digest else {}),
         "ticketlab_version": __version__,
         "torch_version": torch.__version__,
         "python": sys.version.split()[0],
@@ -143,7 +145,7 @@ def run_search(
             except BaseException:
                 bar.live.transient = True  # an error leaves its one line, not a half-drawn bar
                 raise
-        summary = summarize(levels, config.tolerance_pp)
+        summary = summarize(levels, config.tolerance_pp, data.task)
         store.write_json("summary.json", summary)
         if config.report:
             from .io.report import write_report

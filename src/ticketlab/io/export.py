@@ -9,6 +9,7 @@ The file carries the model name, input shape and class count, so ``load_ticket``
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ def export_ticket(
             tensors[name] = tensor
     shapes = {n: list(t.shape) for n, t in state.items()}
     input_shape, num_classes = _io_shape(store)
+    tokens = store.read_json("run.json").get("task") == "language_model"
     meta = {
         "model": config.model,
         "input_shape": list(input_shape),
@@ -80,7 +82,7 @@ def export_ticket(
     RunStore(out.parent, config.hash()).write_tensors(out.name, tensors, meta)
     model = build_model(config.model, input_shape, num_classes, seed=0)
     model.load_state_dict(state)
-    dense_ms, sparse_ms = _speed(model, mask.names(), input_shape)
+    dense_ms, sparse_ms = _speed(model, mask.names(), input_shape, num_classes if tokens else 0)
     return ExportReport(
         out,
         mask.density(),
@@ -128,23 +130,29 @@ class _SparseLinear(nn.Module):
         self.bias = layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.weight @ x.T).T + self.bias
+        rows = x.reshape(-1, x.shape[-1])  # a sequence model's [B, T, features] as rows
+        out = (self.weight @ rows.T).T + self.bias
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 @torch.no_grad()
 def _speed(
-    model: nn.Module, pruned: list[str], input_shape: tuple[int, ...]
+    model: nn.Module, pruned: list[str], input_shape: tuple[int, ...], vocab: int = 0
 ) -> tuple[float, float]:
-    """Median ms per batch of 256 for the dense model and one with sparse (CSR) Linear layers."""
-    sparse = nn.Sequential(
-        *[
-            _SparseLinear(layer)
-            if isinstance(layer, nn.Linear) and f"{i}.weight" in pruned
-            else layer
-            for i, layer in enumerate(model)
-        ]
-    )
-    x = torch.randn(256, *input_shape)
+    """Median ms per batch of 256 for the dense model and one with sparse (CSR) Linear layers
+    (inputs: random token ids below ``vocab`` when it is set, else Gaussian features)."""
+    sparse = copy.deepcopy(model)
+    for name in pruned:
+        module_name, _, param = name.rpartition(".")
+        layer = sparse.get_submodule(module_name) if module_name else sparse
+        if isinstance(layer, nn.Linear) and param == "weight" and module_name:
+            parent, _, child = module_name.rpartition(".")
+            setattr(sparse.get_submodule(parent) if parent else sparse, child, _SparseLinear(layer))
+    g = torch.Generator().manual_seed(0)
+    if vocab:
+        x = torch.randint(0, vocab, (256, *input_shape), generator=g)
+    else:
+        x = torch.randn(256, *input_shape, generator=g)
     return _median_ms(model, x), _median_ms(sparse, x)
 
 

@@ -49,11 +49,17 @@ class Setup:
 
     @property
     def prunable(self) -> list[str]:
-        return prunable_names(self.template, self.config.prune_biases, self.config.exclude)
+        c = self.config
+        return prunable_names(self.template, c.prune_biases, c.exclude, c.prune_embeddings)
 
     def rates(self) -> dict[str, float]:
         c = self.config
-        by_kind = {"conv": c.conv_rate, "fc": c.fc_rate, "output": c.output_layer_rate()}
+        by_kind = {
+            "conv": c.conv_rate,
+            "fc": c.fc_rate,
+            "output": c.output_layer_rate(),
+            "embedding": c.fc_rate,
+        }
         kinds = layer_kinds(self.template)
         return {name: by_kind[kinds[name]] for name in self.prunable}
 

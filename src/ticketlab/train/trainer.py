@@ -41,7 +41,8 @@ from .stacked import (
     stack_networks,
 )
 
-EVAL_CHUNK = 2048
+EVAL_CHUNK = 2048  # rows per evaluation forward pass for one label per row
+EVAL_TOKENS = 8192  # targets per evaluation forward pass for sequences (language models)
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,15 @@ class Result:
     diverged_at: int | None = None
 
     def metrics(self) -> dict[str, Any]:
+        best = self.curve["iteration"].index(float(self.early_stop_iter))
         return {
             "early_stop_iter": self.early_stop_iter,
             "early_stop_test_acc": self.early_stop_test_acc,
             "final_test_acc": self.final_test_acc,
             "untrained_test_acc": self.curve["test_acc"][0],
+            "untrained_test_loss": self.curve["test_loss"][0],
+            "early_stop_test_loss": self.curve["test_loss"][best],
+            "final_test_loss": self.curve["test_loss"][-1],
             "diverged": self.diverged,
             "diverged_at": self.diverged_at,
             "curve": self.curve,
@@ -371,7 +376,7 @@ def _train_loop(
             for group in groups:
                 group["lr"] = lr
             lr_now = lr
-        logits = forward(x)
+        logits = forward(x)  # [K, B, classes], or [K, B, T, vocab] for sequences
         per_net_loss = (
             F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, reduction="none")
             .view(k, -1)
@@ -391,7 +396,7 @@ class Batches:
     """Each network's minibatch for a step, gathered with one ``index_select`` into reused buffers.
 
     Network ``i`` sees ``epoch_permutation(seed_i, epoch)`` in order; ``x`` comes back as
-    ``[K, B, *input_shape]`` and ``y`` flat as ``[K*B]``.
+    ``[K, B, *input_shape]`` and ``y`` flat as ``[K*B]`` (``[K*B*T]`` for sequence targets).
     """
 
     def __init__(self, data: Dataset, seeds: list[int], batch: int):
@@ -405,7 +410,7 @@ class Batches:
         self.perms = torch.empty(0, dtype=torch.int64)
         rows = len(seeds) * min(batch, self.n)
         self.x_out = torch.empty(rows, self.x.shape[1], dtype=self.x.dtype)
-        self.y_out = torch.empty(rows, dtype=self.y.dtype)
+        self.y_out = torch.empty(rows, *self.y.shape[1:], dtype=self.y.dtype)
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, position = divmod(step, self.per_epoch)
@@ -419,7 +424,7 @@ class Batches:
             x, y = self.x_out, self.y_out
         else:
             x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
-        return x.view(len(self.seeds), -1, *self.shape), y
+        return x.view(len(self.seeds), -1, *self.shape), y.view(-1)
 
 
 def _rng_seed(jobs: Sequence[Job]) -> int:
@@ -484,16 +489,21 @@ def loss_and_accuracy(stack: Stack, x: torch.Tensor, y: torch.Tensor):
 
 
 def _loss_and_accuracy_eval(stack: Stack, x: torch.Tensor, y: torch.Tensor):
+    """Mean cross-entropy and accuracy over every target: one per row, or one per position of
+    a sequence (next-token loss and accuracy), per network."""
+    k = stack.size
+    chunk = EVAL_CHUNK if y.dim() == 1 else max(1, EVAL_TOKENS // y[0].numel())
     losses, correct = [], []
-    for start in range(0, x.shape[0], EVAL_CHUNK):
-        logits = stack.forward_shared(x[start : start + EVAL_CHUNK])
-        target = y[start : start + EVAL_CHUNK].expand(stack.size, -1)
+    for start in range(0, x.shape[0], chunk):
+        logits = stack.forward_shared(x[start : start + chunk])
+        rows = y[start : start + chunk]
+        target = rows.unsqueeze(0).expand(k, *rows.shape)
         losses.append(
             F.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
-            ).view(stack.size, -1)
+            ).view(k, -1)
         )
-        correct.append(logits.argmax(-1) == target)
+        correct.append((logits.argmax(-1) == target).reshape(k, -1))
     return torch.cat(losses, 1).double().mean(1), torch.cat(correct, 1).double().mean(1)
 
 
