@@ -175,7 +175,7 @@ def run_oneshot(
             lr=config.lr * settings.finetune_lr_factor,
             warmup_steps=0,
             milestones=(),
-            eval_every=max(1, steps // 5),
+            eval_every=max(1, steps // 2),  # as pruned, halfway, end: early stop picks one
         )
         tuned = train(template, jobs, data, tune, stack_size=size, progress=progress)
 
