@@ -141,6 +141,7 @@ def _speed(
 ) -> tuple[float, float]:
     """Median ms per batch of 256 for the dense model and one with sparse (CSR) Linear layers
     (inputs: random token ids below ``vocab`` when it is set, else Gaussian features)."""
+    model.eval()  # BatchNorm: inference uses the running statistics
     sparse = copy.deepcopy(model)
     for name in pruned:
         module_name, _, param = name.rpartition(".")
