@@ -164,20 +164,19 @@ def run_oneshot(
     base = train_spec(config)
     steps = settings.finetune_steps
     steps = max(1, config.steps // 10) if steps is None else steps
-    evaluate = replace(base, steps=0, warmup_steps=0, milestones=())
     size = (config.stack_size or None) if config.batch else 1
-    as_pruned = train(template, jobs, data, evaluate, stack_size=size)
-    tuned = None
-    if steps:
-        tune = replace(
-            base,
-            steps=steps,
-            lr=config.lr * settings.finetune_lr_factor,
-            warmup_steps=0,
-            milestones=(),
-            eval_every=max(1, steps // 2),  # as pruned, halfway, end: early stop picks one
-        )
-        tuned = train(template, jobs, data, tune, stack_size=size, progress=progress)
+    # one run: its evaluation at step 0 is the network as pruned, its early stop the fine-tuned one
+    tune = replace(
+        base,
+        steps=max(steps, 1),
+        lr=config.lr * settings.finetune_lr_factor,
+        warmup_steps=0,
+        milestones=(),
+        eval_every=max(1, steps // 2),  # as pruned, halfway, end: early stop picks one
+    )
+    trained = train(template, jobs, data, tune, stack_size=size, progress=progress)
+    as_pruned = trained
+    tuned = trained if steps else None
 
     networks = []
     for i, ((method, density, r), job) in enumerate(zip(labels, jobs, strict=True)):
