@@ -87,6 +87,9 @@ class Job:
     # ``spec.steps`` with the learning-rate schedule and its data order positioned at this step,
     # exactly as if it had been training since step 0 (a fresh optimizer state, as in OpenLTH).
     start_step: int = 0
+    # Called at every evaluation with (step, this network's weights); training of the stack stops
+    # at an evaluation once every network's callback has returned True (early-bird tickets).
+    on_eval: Callable[[int, State], bool] | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -428,6 +431,7 @@ def _train_loop(
     groups = optimizer.param_groups
     forward = stack.forward
     lr_now = None
+    stopping = [False] * k
     for step in range(run.step, spec.steps + 1):
         run.step = step
         # saved before this step's snapshot and evaluation, so a resume at ``step`` redoes both
@@ -438,6 +442,8 @@ def _train_loop(
                 run.snapshots[i] = canonical_state(stack, i)
         if step in eval_at:
             _evaluate(stack, data, run)
+            if _stop_requested(stack, jobs, step, stopping):
+                break
         if step == spec.steps:
             break
         x, y = batches(step)
@@ -460,6 +466,16 @@ def _train_loop(
         if progress:
             progress(k)
     _flush_losses(run)
+
+
+def _stop_requested(stack: Stack, jobs: Sequence[Job], step: int, stopping: list[bool]) -> bool:
+    """Ask each network's ``on_eval``; a True is final for that network. All True: stop."""
+    if any(j.on_eval is None for j in jobs):
+        return False
+    for i, job in enumerate(jobs):
+        if not stopping[i]:
+            stopping[i] = bool(job.on_eval(step, canonical_state(stack, i)))
+    return all(stopping)
 
 
 class Batches:
