@@ -95,6 +95,9 @@ def assert_identical(a: Result, b: Result) -> None:
         b.final_test_acc,
     )
     assert (a.diverged, a.diverged_at) == (b.diverged, b.diverged_at)
+    assert (a.early_stop is None) == (b.early_stop is None)
+    for name in a.early_stop or {}:
+        assert torch.equal(a.early_stop[name], b.early_stop[name]), name
 
 
 @pytest.mark.parametrize("model_name", ["lenet_300_100", "conv2"])

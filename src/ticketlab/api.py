@@ -13,7 +13,7 @@ import platform
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,14 @@ from . import __version__
 from .core.mask import Mask
 from .errors import TicketlabError
 from .io.config import Config, load_toml, resolve
+from .io.export import ExportReport, export_ticket
 from .io.run_files import load_masks, load_rewind
 from .io.store import TMP_PREFIX, RunStore, atomic_write_bytes
 from .io.summary import answer_line, summarize, table
+from .studies.common import train_spec
 from .studies.imp import Setup, run_imp, total_steps
 from .train.stacked import State
+from .train.trainer import place_data
 from .zoo.data import Dataset, load_dataset, split_validation
 from .zoo.models import build_model
 
@@ -45,6 +48,8 @@ class TicketSearch:
     config: Config
     levels: list[dict[str, Any]]
     summary: dict[str, Any]
+    #: the architecture searched (find_ticket's module, or the registered model): for export
+    module: nn.Module | None = field(default=None, compare=False, repr=False)
 
     @property
     def store(self) -> RunStore:
@@ -56,6 +61,15 @@ class TicketSearch:
         rewind = load_rewind(self.store, self.config)[replicate]
         weights = {n: t * mask[n] if n in mask.tensors else t for n, t in rewind.items()}
         return mask, weights
+
+    def export(
+        self, level: int, out: str | Path, replicate: int = 0, weights: str = "early_stop"
+    ) -> ExportReport:
+        """The ticket of ``level`` as a packed file (``ticketlab export``), for any model; load
+        it back with ``load_ticket(out, module=...)``."""
+        return export_ticket(
+            self.run_dir, self.config, level, Path(out), replicate, weights, self.module
+        )
 
 
 def open_store(config: Config) -> RunStore:
@@ -125,6 +139,8 @@ def run_search(
             return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     assert init_state is not None
+    spec = train_spec(config)  # settles the device (one line if it is not there) before writing
+    data = place_data(data, getattr(torch, spec.dtype), torch.device(spec.device))  # moved once
     with store.lock():
         if not store.path("config.toml").exists():
             atomic_write_bytes(
@@ -155,7 +171,7 @@ def run_search(
             from .io.report import log_tensorboard
 
             log_tensorboard(store.root)
-    return TicketSearch(store.root, config, levels, summary)
+    return TicketSearch(store.root, config, levels, summary, template)
 
 
 def _progress_bar(console: Console) -> Progress:
@@ -187,7 +203,8 @@ def find_ticket(
 ) -> TicketSearch:
     """IMP on any ``nn.Module``: ``train``/``test`` are (inputs, integer labels) tensors.
 
-    ``settings`` are config keys (``levels``, ``replicates``, ``steps``, ``fc_rate``...). Replicate
+    ``settings`` are config keys (``levels``, ``replicates``, ``steps``, ``fc_rate``...,
+    ``device="auto"|"cpu"|"cuda"|"cuda:N"|"mps"``, ``precision="fp32"|"bf16"|"fp16"``). Replicate
     inits and the reinit control come from the model's own ``reset_parameters`` under a seed.
     """
     if not isinstance(model, nn.Module):

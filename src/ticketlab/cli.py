@@ -85,6 +85,15 @@ def find(
         float | None, Opt("--tolerance", help="Winning-ticket tolerance in percentage points.")
     ] = None,
     dtype: Annotated[str | None, Opt(help="float32 or float64.")] = None,
+    precision: Annotated[
+        str | None, Opt(help="fp32 (default), bf16 or fp16 (GPU): autocast, fp32 weights.")
+    ] = None,
+    device: Annotated[
+        str | None, Opt(help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")
+    ] = None,
+    dry_run: Annotated[
+        bool, Opt("--dry-run", help="Print the plan and its estimated time; train nothing.")
+    ] = False,
     out: Annotated[str | None, Opt(help="Run folder (rerun to resume).")] = None,
     stack_size: Annotated[int | None, Opt(help="Networks trained side by side (0 = auto).")] = None,
     no_batch: Annotated[bool, Opt("--no-batch", help="Train networks one by one.")] = False,
@@ -134,6 +143,8 @@ def find(
         "controls": [] if no_controls else (controls or None),
         "tolerance_pp": tolerance,
         "dtype": dtype,
+        "precision": precision,
+        "device": device,
         "out": out,
         "stack_size": stack_size,
         "batch": False if no_batch else None,
@@ -147,6 +158,12 @@ def find(
     settings.update({k: v for k, v in flags.items() if v is not None})
     config = resolve(settings)
     console = Console()
+    if dry_run:
+        from .studies.imp_plan import plan_search
+
+        for line in plan_search(config).lines():
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        return
     search = run_search(config, console=Console(stderr=True))
     print_result(search, console)
     if config.report:
@@ -208,9 +225,11 @@ def export(
     level: Annotated[int, Opt(help="Level whose ticket to export.")],
     out: Annotated[Path, Opt(help="Output .safetensors file.")],
     replicate: Annotated[int, Opt(help="Which replicate's ticket.")] = 0,
-    rewind: Annotated[
-        bool, Opt("--rewind", help="Export the rewind weights (to retrain) instead of trained.")
-    ] = False,
+    weights: Annotated[
+        str,
+        Opt(help="early_stop (validation minimum), final (last step) or rewind (to retrain)."),
+    ] = "early_stop",
+    rewind: Annotated[bool, Opt("--rewind", help="Same as --weights rewind.")] = False,
 ) -> None:
     """The ticket as a compact sparse file, with its measured size and speed."""
     from .api import resolve_saved
@@ -219,7 +238,12 @@ def export(
     if not (run / "config.toml").is_file():
         raise TicketlabError(f"{run} is not a ticketlab run folder (no config.toml)")
     report = export_ticket(
-        run, resolve_saved(run / "config.toml"), level, out, replicate, not rewind
+        run,
+        resolve_saved(run / "config.toml"),
+        level,
+        out,
+        replicate,
+        "rewind" if rewind else weights,
     )
     for line in report.lines():
         Console().print(line)
@@ -305,6 +329,8 @@ def compare(
         bool, Opt(help="Dynamic weight rescaling (Zhou) in the learned-supermask rows.")
     ] = False,
     stack_size: Annotated[int | None, Opt(help="Networks trained side by side (0 = auto).")] = None,
+    device: Annotated[str, Opt(help="auto (CUDA if present), cpu, cuda, cuda:N or mps.")] = "auto",
+    precision: Annotated[str, Opt(help="fp32, bf16 or fp16 (GPU).")] = "fp32",
     out: Annotated[str, Opt(help="Folder for grid.json and grid.md.")] = "runs/grid",
     backend: Annotated[
         str, Opt(help="Where stacks train: local, or ray (a Ray cluster; same results).")
@@ -329,7 +355,7 @@ def compare(
         "supermask_rescale": supermask_rescale,
     }
     where = {"model": model, "data": data, "seed": seed, "stack_size": stack_size, "out": out}
-    where.update(eval_every=eval_every, lr=lr)
+    where.update(eval_every=eval_every, lr=lr, device=device, precision=precision)
     validate(**where, **settings)
     from .backends import get_backend
 

@@ -26,6 +26,7 @@ from ..core.criteria import CRITERIA
 from ..core.resets import RESETS
 from ..errors import TicketlabError
 from ..train.augment import AUGMENTATIONS
+from ..train.device import check_device_name, check_precision_name
 
 CONTROLS = ("reinit", "random_prune")
 RETRAIN = ("rewind", "lr_rewind", "finetune")
@@ -53,6 +54,7 @@ class Config:
     eval_every: int = 100
     val_fraction: float = 0.1
     dtype: str = "float32"
+    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast over float32 weights; see device.py)
     augment: str = "none"  # none, crop, flip or crop_flip (4-pixel crops, left-right flips)
     # pruning
     fc_rate: float = 0.2
@@ -72,6 +74,7 @@ class Config:
     tolerance_pp: float = 0.5
     # where and how it runs (not part of the experiment's identity)
     out: str = "runs/latest"
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N, mps; a run may move
     stack_size: int = 0  # 0 = automatic
     batch: bool = True
     checkpoint_every: int = 250
@@ -82,11 +85,13 @@ class Config:
 
     def identity(self) -> dict[str, Any]:
         """The fields that determine the results."""
-        runtime = {"out", "stack_size", "batch", "checkpoint_every", "tensorboard", "report"}
-        runtime |= {"backend", "address"}
+        runtime = {"out", "device", "stack_size", "batch", "checkpoint_every", "tensorboard"}
+        runtime |= {"report", "backend", "address"}
         identity = {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime}
         if self.augment == "none":  # absent before augmentation existed: old folders still resume
             del identity["augment"]
+        if self.precision == "fp32":  # the default: hashes of runs made before it stay
+            del identity["precision"]
         if self.rewind_step:
             # Pruned levels train from step k to T with the schedule at step k (late rewinding);
             # folders written when they restarted the schedule at 0 must not resume as this.
@@ -332,6 +337,12 @@ def validate(c: Config) -> None:
     need(c.augment in AUGMENTATIONS, f"augment must be one of {', '.join(AUGMENTATIONS)}")
     need(0 < c.val_fraction < 1, f"val_fraction must be in (0, 1), got {c.val_fraction}")
     need(c.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {c.dtype!r}")
+    check_precision_name(c.precision)
+    check_device_name(c.device)
+    need(
+        c.precision == "fp32" or c.dtype == "float32",
+        f"precision {c.precision} needs dtype float32, got {c.dtype}",
+    )
     for key in ("fc_rate", "conv_rate"):
         rate = getattr(c, key)
         need(0 < rate < 1, f"{key} must be in (0, 1), got {rate}")

@@ -3,8 +3,13 @@ and inference speed against the dense model.
 
 Prunable tensors are stored as a packed bitmask (1 bit per weight) plus the survivors' values, so a
 ticket at density d costs about d + 1/32 of the dense bytes; everything else is stored dense.
-The file carries the model name, input shape and class count, so ``load_ticket`` rebuilds a plain
-``nn.Module`` without the run folder.
+The file carries the model name, input shape and class count, so ``load_ticket`` rebuilds a
+registered model without the run folder; a ``find_ticket`` run's model (``custom:…``) is the
+user's own class, so ``load_ticket(path, module=...)`` loads the weights into an instance of it.
+
+Which weights: ``early_stop`` (default: those at the validation minimum, the ones behind the
+table's accuracy), ``final`` (after the last step) or ``rewind`` (the ticket's starting weights, to
+retrain).
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.mask import Mask
 from ..errors import TicketlabError
+from ..train.stacked import State
 from ..zoo.models import build_model
 from .config import Config
 from .run_files import level_dir, load_masks, load_replicates, load_rewind
 from .store import RunStore, read_checked_tensors
+
+WEIGHTS = ("early_stop", "final", "rewind")
 
 
 @dataclass(frozen=True)
@@ -32,57 +41,85 @@ class ExportReport:
     weights_remaining: float
     dense_bytes: int
     file_bytes: int
-    dense_ms: float
-    sparse_ms: float
+    dense_ms: float | None
+    sparse_ms: float | None
+    weights: str = "early_stop"
 
     def lines(self) -> list[str]:
-        return [
-            f"Wrote {self.path}: {100 * self.weights_remaining:.1f}% of prunable weights remain",
+        lines = [
+            f"Wrote {self.path} ({self.weights} weights): "
+            f"{100 * self.weights_remaining:.1f}% of prunable weights remain",
             f"size: {self.file_bytes / 1e6:.2f} MB vs {self.dense_bytes / 1e6:.2f} MB dense "
             f"({self.dense_bytes / max(1, self.file_bytes):.1f}x smaller)",
-            f"inference (batch 256, CPU): sparse {self.sparse_ms:.2f} ms vs dense "
-            f"{self.dense_ms:.2f} ms ({self.dense_ms / max(1e-9, self.sparse_ms):.2f}x)",
         ]
+        if self.dense_ms is None or self.sparse_ms is None:
+            lines.append(
+                "inference: not measured (a find_ticket model: measure it from Python with "
+                "ticketlab.io.export.inference_speed(load_ticket(path, module=...)))"
+            )
+        else:
+            lines.append(
+                f"inference (batch 256, CPU): sparse {self.sparse_ms:.2f} ms vs dense "
+                f"{self.dense_ms:.2f} ms ({self.dense_ms / max(1e-9, self.sparse_ms):.2f}x)"
+            )
+        return lines
+
+
+def run_weights(store: RunStore, config: Config, level: int, weights: str) -> list[State]:
+    """Every replicate's ticket weights of ``level`` (unmasked), as the run folder holds them."""
+    if weights not in WEIGHTS:
+        raise TicketlabError(f"unknown weights {weights!r}; known: {', '.join(WEIGHTS)}")
+    if weights == "rewind":
+        return load_rewind(store, config)
+    rel = f"{level_dir(level)}/ticket_{weights}.safetensors"
+    if not store.exists(rel):
+        raise TicketlabError(
+            f"{store.path(rel)} is missing: this run predates saved early-stop weights; "
+            "export with --weights final or rewind"
+        )
+    return load_replicates(store, rel, config)
 
 
 def export_ticket(
-    run_dir: Path, config: Config, level: int, out: Path, replicate: int = 0, trained: bool = True
+    run_dir: Path,
+    config: Config,
+    level: int,
+    out: Path,
+    replicate: int = 0,
+    weights: str = "early_stop",
+    module: nn.Module | None = None,
 ) -> ExportReport:
-    """Write the ticket of ``level``: trained weights (default) or its rewind weights to retrain."""
+    """Write the ticket of ``level`` with the chosen ``weights``. ``module``: the architecture of a
+    ``find_ticket`` run (only to measure its speed; the file is written without it)."""
     store = RunStore(run_dir, config.hash())
     if not store.exists(f"{level_dir(level)}/metrics.json"):
         raise TicketlabError(f"{run_dir} has no finished level {level}")
     if not 0 <= replicate < config.replicates:
         raise TicketlabError(f"replicate must be in [0, {config.replicates}), got {replicate}")
     mask = load_masks(store, level, config)[replicate]
-    if trained:
-        weights = load_replicates(store, f"{level_dir(level)}/ticket_final.safetensors", config)
-    else:
-        weights = load_rewind(store, config)
-    state = {n: t * mask[n] if n in mask.tensors else t for n, t in weights[replicate].items()}
-    tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        if name in mask.tensors:
-            flat = mask[name].flatten()
-            tensors[f"{name}::bits"] = torch.from_numpy(np.packbits(flat.numpy()))
-            tensors[f"{name}::values"] = tensor.flatten()[flat]
-        else:
-            tensors[name] = tensor
-    shapes = {n: list(t.shape) for n, t in state.items()}
+    source = run_weights(store, config, level, weights)[replicate]
+    state = {n: t * mask[n] if n in mask.tensors else t for n, t in source.items()}
     input_shape, num_classes = _io_shape(store)
-    tokens = store.read_json("run.json").get("task") == "language_model"
     meta = {
         "model": config.model,
         "input_shape": list(input_shape),
         "num_classes": num_classes,
-        "shapes": shapes,
         "level": level,
-        "weights": "trained" if trained else "rewind",
+        "replicate": replicate,
+        "weights": weights,
     }
-    RunStore(out.parent, config.hash()).write_tensors(out.name, tensors, meta)
-    model = build_model(config.model, input_shape, num_classes, seed=0)
-    model.load_state_dict(state)
-    dense_ms, sparse_ms = _speed(model, mask.names(), input_shape, num_classes if tokens else 0)
+    write_ticket(out, state, mask, meta, config.hash())
+    model = None
+    if module is not None:
+        model = load_state(copy.deepcopy(module), state, f"module for {run_dir}")
+    elif not config.model.startswith("custom:"):
+        model = build_model(config.model, input_shape, num_classes, seed=0)
+        model.load_state_dict(state)
+    dense_ms = sparse_ms = None
+    if model is not None:
+        tokens = store.read_json("run.json").get("task") == "language_model"
+        vocab = num_classes if tokens else 0
+        dense_ms, sparse_ms = inference_speed(model, input_shape, mask.names(), vocab=vocab)
     return ExportReport(
         out,
         mask.density(),
@@ -90,6 +127,7 @@ def export_ticket(
         out.stat().st_size,
         dense_ms,
         sparse_ms,
+        weights,
     )
 
 
@@ -100,8 +138,29 @@ def _io_shape(store: RunStore) -> tuple[tuple[int, ...], int]:
     return tuple(run["input_shape"]), int(run["num_classes"])
 
 
-def load_ticket(path: Path) -> nn.Module:
-    """The exported ticket as a dense ``nn.Module`` with pruned weights exactly zero."""
+def pack(state: State, mask: Mask) -> dict[str, torch.Tensor]:
+    """Masked tensors as ``name::bits`` (packed bitmask) + ``name::values`` (survivors)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name in mask.tensors:
+            flat = mask[name].flatten().cpu()
+            tensors[f"{name}::bits"] = torch.from_numpy(np.packbits(flat.numpy()))
+            tensors[f"{name}::values"] = tensor.detach().cpu().flatten()[flat]
+        else:
+            tensors[name] = tensor.detach().cpu()
+    return tensors
+
+
+def write_ticket(
+    out: Path, state: State, mask: Mask, meta: dict, config_hash: str = "standalone"
+) -> None:
+    """The packed ticket file (atomic, checksummed); ``meta`` gains the tensors' shapes."""
+    meta = {**meta, "shapes": {n: list(t.shape) for n, t in state.items()}}
+    RunStore(out.parent, config_hash).write_tensors(out.name, pack(state, mask), meta)
+
+
+def read_ticket(path: Path) -> tuple[State, dict]:
+    """The dense state (pruned weights exactly zero) and the metadata of a ticket file."""
     tensors, meta = read_checked_tensors(path)
     if "shapes" not in meta:
         raise TicketlabError(f"{path}: not a ticketlab ticket export")
@@ -111,50 +170,152 @@ def load_ticket(path: Path) -> nn.Module:
             values = tensors[f"{name}::values"]
             size = int(np.prod(shape))
             keep = np.unpackbits(tensors[f"{name}::bits"].numpy(), count=size).astype(bool)
+            if int(keep.sum()) != values.numel():
+                raise TicketlabError(f"{path}: {name}'s mask and values disagree")
             flat = torch.zeros(size, dtype=values.dtype)
             flat[torch.from_numpy(keep)] = values
             state[name] = flat.view(shape)
-        else:
+        elif name in tensors:
             state[name] = tensors[name]
+        else:
+            raise TicketlabError(f"{path}: tensor {name!r} is missing")
+    return state, meta
+
+
+def load_ticket(path: Path, module: nn.Module | None = None) -> nn.Module:
+    """The exported ticket as a dense ``nn.Module`` with pruned weights exactly zero.
+
+    ``module``: an instance of the architecture the ticket came from (needed for a
+    ``find_ticket`` run's model, optional for a registered one); its weights are replaced in place
+    and it is returned."""
+    state, meta = read_ticket(Path(path))
+    if module is not None:
+        return load_state(module, state, str(path))
+    if str(meta.get("model", "")).startswith("custom:"):
+        raise TicketlabError(
+            f"{path} holds a ticket of your own model ({meta['model']}); "
+            "load it with load_ticket(path, module=YourModel(...))"
+        )
     model = build_model(meta["model"], tuple(meta["input_shape"]), meta["num_classes"], seed=0)
     model.load_state_dict(state)
     return model
 
 
-class _SparseLinear(nn.Module):
+def load_state(module: nn.Module, state: State, what: str) -> nn.Module:
+    """``module`` with ``state`` loaded, or one line naming the first mismatch."""
+    if not isinstance(module, nn.Module):
+        raise TicketlabError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        which = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        raise TicketlabError(f"{what}: the ticket does not fit this module ({which})")
+    for name, tensor in state.items():
+        if tuple(own[name].shape) != tuple(tensor.shape):
+            raise TicketlabError(
+                f"{what}: {name} is {tuple(tensor.shape)} in the ticket but "
+                f"{tuple(own[name].shape)} in the module"
+            )
+    module.load_state_dict({n: t.to(own[n].device, own[n].dtype) for n, t in state.items()})
+    return module
+
+
+#: Linear layers with fewer weights than this stay dense in ``sparse_inference``: a call of
+#: theirs is mostly overhead, and a CSR call has more of it (LeNet-300-100's 300x100 and 100x10
+#: layers are faster dense at batch 1 and 256 on this CPU; benchmarks/export_speed.py).
+SPARSE_MIN_WEIGHTS = 2**17
+
+
+class SparseLinear(nn.Module):
+    """``nn.Linear`` with its weight held as CSR (survivors only); inference only.
+
+    ``y = x W^T + b`` as ``(W @ x^T)^T``: CSR times a dense matrix is the product MKL does well;
+    one input row goes through ``addmv``, the cheapest sparse call. Leading dimensions of ``x``
+    are flattened around it, as ``nn.Linear`` allows."""
+
     def __init__(self, layer: nn.Linear):
         super().__init__()
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore")
             self.weight = layer.weight.detach().to_sparse_csr()
-        self.bias = layer.bias
+        self.bias = None if layer.bias is None else layer.bias.detach().clone()
+        self.bias_column = None if self.bias is None else self.bias.unsqueeze(1)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])  # a sequence model's [B, T, features] as rows
-        out = (self.weight @ rows.T).T + self.bias
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        if x.dim() != 2:
+            lead = x.shape[:-1]
+            return self.forward(x.reshape(-1, self.in_features)).reshape(*lead, -1)
+        if x.shape[0] == 1:
+            if self.bias is None:
+                return (self.weight @ x[0]).unsqueeze(0)
+            return torch.addmv(self.bias, self.weight, x[0]).unsqueeze(0)
+        if self.bias_column is None:
+            return (self.weight @ x.t()).t()
+        return torch.addmm(self.bias_column, self.weight, x.t()).t()
+
+    def extra_repr(self) -> str:
+        nnz = self.weight.values().numel()
+        density = nnz / max(1, self.in_features * self.out_features)
+        return f"in={self.in_features}, out={self.out_features}, density={density:.3f}"
+
+
+def sparse_inference(
+    model: nn.Module,
+    names: list[str] | None = None,
+    below: float = 0.5,
+    min_weights: int = SPARSE_MIN_WEIGHTS,
+) -> nn.Module:
+    """A copy of ``model`` (any module graph) for CPU inference in which every ``nn.Linear``
+    whose weight is in ``names`` (default: whose weight keeps less than ``below`` of its
+    entries) and has at least ``SPARSE_MIN_WEIGHTS`` weights is a ``SparseLinear``; everything
+    else is untouched."""
+    sparse = copy.deepcopy(model).eval()
+    chosen = []
+    for name, layer in sparse.named_modules():
+        if not isinstance(layer, nn.Linear) or layer.weight.device.type != "cpu":
+            continue
+        if layer.weight.numel() < min_weights:
+            continue
+        key = f"{name}.weight" if name else "weight"
+        if names is not None:
+            take = key in names
+        else:
+            take = float((layer.weight != 0).float().mean()) < below
+        if take:
+            chosen.append(name)
+    for name in chosen:
+        _replace(sparse, name, SparseLinear(sparse.get_submodule(name)))
+    return sparse
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:
+        raise TicketlabError("the model is itself a Linear layer; use SparseLinear(model)")
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 @torch.no_grad()
-def _speed(
-    model: nn.Module, pruned: list[str], input_shape: tuple[int, ...], vocab: int = 0
+def inference_speed(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    pruned: list[str] | None = None,
+    batch: int = 256,
+    repeats: int = 30,
+    vocab: int = 0,
 ) -> tuple[float, float]:
-    """Median ms per batch of 256 for the dense model and one with sparse (CSR) Linear layers
-    (inputs: random token ids below ``vocab`` when it is set, else Gaussian features)."""
-    model.eval()  # BatchNorm: inference uses the running statistics
-    sparse = copy.deepcopy(model)
-    for name in pruned:
-        module_name, _, param = name.rpartition(".")
-        layer = sparse.get_submodule(module_name) if module_name else sparse
-        if isinstance(layer, nn.Linear) and param == "weight" and module_name:
-            parent, _, child = module_name.rpartition(".")
-            setattr(sparse.get_submodule(parent) if parent else sparse, child, _SparseLinear(layer))
+    """Median ms per batch for the dense model and its ``sparse_inference`` copy (CPU); inputs
+    are random token ids below ``vocab`` when it is set (a language model), else Gaussian."""
+    dense = model.eval()
+    sparse = sparse_inference(model, pruned)
     g = torch.Generator().manual_seed(0)
     if vocab:
-        x = torch.randint(0, vocab, (256, *input_shape), generator=g)
+        x = torch.randint(0, vocab, (batch, *input_shape), generator=g)
     else:
-        x = torch.randn(256, *input_shape, generator=g)
-    return _median_ms(model, x), _median_ms(sparse, x)
+        x = torch.randn(batch, *input_shape, generator=g)
+    return _median_ms(dense, x, repeats), _median_ms(sparse, x, repeats)
 
 
 def _median_ms(model: nn.Module, x: torch.Tensor, repeats: int = 30) -> float:

@@ -10,6 +10,7 @@ from ..core.seeds import derive_seed
 from ..errors import TicketlabError
 from ..io.config import Config
 from ..io.store import RunStore
+from ..train.device import placement
 from ..train.trainer import TrainSpec
 
 
@@ -63,7 +64,9 @@ class StoreCheckpointer:
 
 
 def train_spec(c: Config) -> TrainSpec:
-    """The trainer's hyperparameters out of a config."""
+    """The trainer's hyperparameters out of a config, on the device it names (resolved and checked
+    against the precision here, so ``auto``, an unavailable GPU or fp16 on a CPU are settled
+    before anything trains)."""
     return TrainSpec(
         steps=c.steps,
         batch_size=c.batch_size,
@@ -76,5 +79,7 @@ def train_spec(c: Config) -> TrainSpec:
         gamma=c.gamma,
         warmup_steps=c.warmup_steps,
         dtype=c.dtype,
+        device=str(placement(c.device, c.precision, c.dtype).device),
+        precision=c.precision,
         augment=c.augment,
     )

@@ -45,7 +45,7 @@ from ..io.config import Config, resolve
 from ..io.store import atomic_write_bytes
 from ..train.stacked import State
 from ..train.supermask import SupermaskResult, default_spec, find_supermasks
-from ..train.trainer import Job, Result, TrainSpec, train
+from ..train.trainer import Job, Result, TrainSpec, place_data, train
 from ..zoo.data import load_dataset
 from ..zoo.models import build_model
 from .common import train_spec
@@ -108,6 +108,8 @@ def validate(
     supermask_rescale: bool = False,
     out: str | Path | None = None,
     lr: float | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
 ) -> Config:
     """Every check, before anything is trained or written; returns the model's training settings."""
     if out is not None and Path(out).exists() and not Path(out).is_dir():
@@ -135,6 +137,8 @@ def validate(
         "replicates": replicates,
         "steps": steps,
         "seed": seed,
+        "device": device,
+        "precision": precision,
     }
     if eval_every is not None:
         settings["eval_every"] = eval_every
@@ -167,6 +171,8 @@ def run_grid(
     stack_size: int | None = None,
     out: str | Path | None = None,
     progress: Progress | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
     backend: str = "local",
     address: str = "",
 ) -> dict[str, Any]:
@@ -195,11 +201,15 @@ def run_grid(
         stack_size=stack_size,
         out=out,
         lr=lr,
+        device=device,
+        precision=precision,
     )
     started = time.perf_counter()
+    spec = _train_spec(c, eval_every)
     dataset = load_dataset(c.data, c.val_fraction, c.seed)
     template = build_model(c.model, dataset.input_shape, dataset.num_classes, seed=0)
-    spec = _train_spec(c, eval_every)
+    # moved to the device once; the supermask rows (their own trainer) stay on the CPU
+    placed = place_data(dataset, getattr(torch, spec.dtype), torch.device(spec.device))
     names = prunable_names(template)
     dense_mask = Mask.ones_like({n: t for n, t in template.state_dict().items() if n in names})
 
@@ -217,7 +227,7 @@ def run_grid(
     dense = train(
         template,
         [Job(inits[r], dense_mask, data_seeds[r]) for r in range(replicates)],
-        dataset,
+        placed,
         spec,
         stack_size=size,
         progress=progress,
@@ -229,7 +239,7 @@ def run_grid(
         template, inits, fresh, dense, data_seeds, criteria, resets, sparsities, seed
     )
     results = train(
-        template, jobs, dataset, spec, stack_size=size, progress=progress, backend=runner
+        template, jobs, placed, spec, stack_size=size, progress=progress, backend=runner
     )
     for i, cell in enumerate(cells):
         cell.update(_aggregate(results[i * replicates : (i + 1) * replicates]))

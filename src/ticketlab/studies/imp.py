@@ -184,8 +184,9 @@ def level_steps(c: Config, level: int) -> int:
 def train_level(
     setup: Setup, level: int, jobs: list[Job], progress: Progress | None
 ) -> list[Result]:
-    size = setup.stack_size()
-    chunks = chunk_count(setup.template, len(jobs), size, start_steps=[j.start_step for j in jobs])
+    size, spec = setup.stack_size(), level_spec(setup.config, level)
+    starts = [j.start_step for j in jobs]
+    chunks = chunk_count(setup.template, len(jobs), size, start_steps=starts, device=spec.device)
     checkpointers = [
         StoreCheckpointer(
             setup.store,
@@ -199,7 +200,7 @@ def train_level(
         setup.template,
         jobs,
         setup.data,
-        level_spec(setup.config, level),
+        spec,
         stack_size=size,
         progress=progress,
         checkpointers=checkpointers,
@@ -228,6 +229,10 @@ def save_level(
     store.write_tensors(
         f"{where}/ticket_final.safetensors",
         {f"r{r}/{n}": t for r, _, res in tickets for n, t in res.final.items()},
+    )
+    store.write_tensors(  # the weights behind early_stop_test_acc (what `export` ships)
+        f"{where}/ticket_early_stop.safetensors",
+        {f"r{r}/{n}": t for r, _, res in tickets for n, t in (res.early_stop or {}).items()},
     )
     ticket_mask = tickets[0][1].mask
     networks = [

@@ -16,7 +16,9 @@ each, instead of one after another with every operation split over the threads.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -33,6 +35,7 @@ from ..core.mask import Mask
 from ..errors import TicketlabError
 from ..zoo.data import Dataset
 from . import augment as augmentation
+from .device import Placement, configure_determinism, default_lanes, placement, to_cpu
 from .sparse_linear import SPARSE_BELOW
 from .stacked import (
     Stack,
@@ -65,6 +68,11 @@ class TrainSpec:
     dtype: str = "float32"
     cosine: bool = False  # decay to 0 along a half cosine over ``steps`` (edge-popup's schedule)
     augment: str = "none"  # random crops / flips of training images, see ``augment.py``
+    device: str = "cpu"  # see device.py: where the stacks train (results always come back on CPU)
+    precision: str = "fp32"  # fp32, or bf16/fp16 autocast over float32 master weights
+
+    def placement(self) -> Placement:
+        return placement(self.device, self.precision, self.dtype)
 
     def lr_factor(self, step: int) -> float:
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
@@ -104,6 +112,7 @@ class Result:
     final_test_acc: float
     diverged: bool
     diverged_at: int | None = None
+    early_stop: State | None = None  # the weights at the validation minimum (early_stop_iter)
 
     def metrics(self) -> dict[str, Any]:
         its = self.curve["iteration"]
@@ -148,6 +157,10 @@ class _Run:
     loss_count: int = 0
     # (step, per-network loss) not yet folded into loss_sum/diverged_at; see _flush_losses
     pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    # per network: the lowest finite validation loss so far and the weights that reached it
+    best_val: list[float] = field(default_factory=list)
+    best: dict[int, State] = field(default_factory=dict)
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
 
 
 def epoch_permutation(data_seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -200,7 +213,11 @@ def train(
     ``backend`` (see ``ticketlab.backends``): where the stacks train, e.g. as Ray tasks; each stack
     gets the thread count it would get here, so the results are the same bits.
     """
-    data = data.to(getattr(torch, spec.dtype))
+    where = spec.placement()
+    configure_determinism(where.device)
+    data = place_data(data, getattr(torch, spec.dtype), where.device)
+    if lanes is None:
+        lanes = default_lanes(where.device)
     _check_starts(jobs, spec)
     order = sorted(range(len(jobs)), key=lambda i: (jobs[i].start_step, jobs[i].mask.density()))
     by_density = [jobs[i] for i in order]
@@ -235,9 +252,12 @@ def chunk_count(
     stack_size: int | None,
     lanes: int | None = None,
     start_steps: Sequence[int] | None = None,
+    device: str = "cpu",
 ) -> int:
-    """How many stacks ``train`` cuts ``n_jobs`` jobs into (one checkpointer each);
+    """How many stacks ``train`` cuts ``n_jobs`` jobs into (one checkpointer each) on ``device``;
     ``start_steps``: the jobs' start steps when they differ (one stack never mixes them)."""
+    if lanes is None:
+        lanes = default_lanes(torch.device(device))
     starts = sorted(start_steps) if start_steps is not None else [0] * n_jobs
     return len(_group_bounds(template, starts, stack_size, lanes))
 
@@ -272,6 +292,19 @@ def _group_bounds(
         for a, b in groups
         for x, y in _chunk_bounds(template, b - a, stack_size, lanes=1)
     ]
+
+
+def place_data(data: Dataset, dtype: torch.dtype, device: torch.device) -> Dataset:
+    """The data set in the weights' dtype on the training device; the same object when it is
+    already there, so a study that places its data once pays nothing per ``train`` call."""
+    fields = ("x_train", "x_val", "x_test", "y_train", "y_val", "y_test")
+    if all(getattr(data, f).device == device for f in fields) and all(
+        getattr(data, f).dtype == dtype for f in fields[:3]
+    ):
+        return data
+    moved = {f: getattr(data, f).to(device) for f in fields}
+    moved.update({f: moved[f].to(dtype) for f in fields[:3]})
+    return dataclasses.replace(data, **moved)
 
 
 def _lanes_available(lanes: int | None) -> int:
@@ -368,16 +401,24 @@ def train_stack(
     sparse_below: float = SPARSE_BELOW,
 ) -> list[Result]:
     dtype = getattr(torch, spec.dtype)
-    data = data.to(dtype)
-    stack = stack_networks(template, [j.init for j in jobs], dtype, data.x_train)
+    where = spec.placement()
+    device = where.device
+    data = place_data(data, dtype, device)
+    if not where.on_cpu:  # the stack's copies of the template (buffers, constants) live there too
+        template = copy.deepcopy(template).to(device)
+    states = [{n: t.to(device) for n, t in j.init.items()} for j in jobs]
+    stack = stack_networks(template, states, dtype, data.x_train)
     k = stack.size
     start = jobs[0].start_step
     if any(j.start_step != start for j in jobs):
         raise ValueError("the jobs of one stack must share their start step")
-    masks = _working_masks(stack, jobs, dtype)
+    masks = _working_masks(stack, jobs, dtype, device)
     _apply_masks(stack, masks)
+    # the CSR path is measured (and exact) on the CPU in fp32 only; elsewhere weights stay dense
+    if not where.on_cpu or where.mixed:
+        sparse_below = 0.0
     sparse = stack.sparsify(
-        {n: torch.stack([j.mask[n] for j in jobs]) for n in masks}, sparse_below
+        {n: torch.stack([j.mask[n] for j in jobs]).to(device) for n in masks}, sparse_below
     )
     masks = {n: m for n, m in masks.items() if n not in sparse}
     optimizer = make_optimizer(list(stack.params.values()), spec)
@@ -388,20 +429,25 @@ def train_stack(
         loss_sum=torch.zeros(k, dtype=torch.float64),
     )
     run.curve = {key: [[] for _ in range(k)] for key in _CURVE_KEYS}
+    run.best_val = [math.inf] * k
+    run.scaler = where.grad_scaler()
 
     # Anything random inside the network (dropout) draws from the global generator: seed it from the
     # job so a run is reproducible, and checkpoint its state so a resume is too. (Such networks
     # never train in parallel lanes, see _lane_count.)
     random = has_randomness(template)
-    with torch.random.fork_rng(devices=[], enabled=random):
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices, enabled=random):
         if random:
             torch.manual_seed(_rng_seed(jobs))
         saved = checkpointer.load() if checkpointer else None
-        if saved is not None and not _fits(stack, saved, start):
-            saved = None  # written for another layout (dense vs sparse): retrain, same bits
+        if saved is not None and not _fits(stack, jobs, saved, start):
+            saved = None  # written for another layout or other jobs: retrain, same bits
         if saved is not None:
             _restore(stack, optimizer, run, saved)
-        _train_loop(stack, jobs, data, spec, masks, optimizer, run, progress, checkpointer, saved)
+        _train_loop(
+            stack, jobs, data, spec, masks, optimizer, run, progress, checkpointer, saved, where
+        )
     return _results(stack, jobs, run)
 
 
@@ -416,8 +462,11 @@ def _train_loop(
     progress: Progress | None,
     checkpointer: Checkpointer | None,
     saved: dict[str, Any] | None,
+    where: Placement | None = None,
 ) -> None:
     """The hot loop: everything not needed every step is hoisted out of it."""
+    where = where or spec.placement()
+    autocast, scaler = where.autocast, run.scaler
     k = stack.size
     batches = Batches(data, [j.data_seed for j in jobs], spec.batch_size, spec.augment)
     start = jobs[0].start_step
@@ -436,12 +485,12 @@ def _train_loop(
         run.step = step
         # saved before this step's snapshot and evaluation, so a resume at ``step`` redoes both
         if every and step > start and step % every == 0 and resumed_at != step:
-            checkpointer.save(_checkpoint(stack, optimizer, run))
+            checkpointer.save(_checkpoint(stack, jobs, optimizer, run))
         if step in snapshot_at:
             for i in snapshot_at[step]:
-                run.snapshots[i] = canonical_state(stack, i)
+                run.snapshots[i] = _cpu_state(stack, i)
         if step in eval_at:
-            _evaluate(stack, data, run)
+            _evaluate(stack, data, run, where)
             if _stop_requested(stack, jobs, step, stopping):
                 break
         if step == spec.steps:
@@ -452,15 +501,22 @@ def _train_loop(
             for group in groups:
                 group["lr"] = lr
             lr_now = lr
-        logits = forward(x)  # [K, B, classes], or [K, B, T, vocab] for sequences
+        with autocast():
+            logits = forward(x)  # [K, B, classes], or [K, B, T, vocab] for sequences
+        logits = logits.float() if where.mixed else logits  # the loss in float32 (no-op in fp32)
         per_net_loss = (
             F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, reduction="none")
             .view(k, -1)
             .mean(dim=1)
         )
         optimizer.zero_grad(set_to_none=True)
-        per_net_loss.sum().backward()
-        optimizer.step()
+        if scaler is None:
+            per_net_loss.sum().backward()
+            optimizer.step()
+        else:
+            scaler.scale(per_net_loss.sum()).backward()
+            scaler.step(optimizer)
+            scaler.update()
         _apply_masks(stack, masks)
         run.pending.append((step, per_net_loss.detach()))
         if progress:
@@ -497,8 +553,8 @@ class Batches:
         self.epoch = -1
         self.perms = torch.empty(0, dtype=torch.int64)
         rows = len(seeds) * min(batch, self.n)
-        self.x_out = torch.empty(rows, self.x.shape[1], dtype=self.x.dtype)
-        self.y_out = torch.empty(rows, *self.y.shape[1:], dtype=self.y.dtype)
+        self.x_out = torch.empty(rows, self.x.shape[1], dtype=self.x.dtype, device=self.x.device)
+        self.y_out = torch.empty(rows, *self.y.shape[1:], dtype=self.y.dtype, device=self.y.device)
         self.augment = augment if augment != "none" else None
         if self.augment is not None:
             if len(self.shape) != 3:
@@ -512,7 +568,8 @@ class Batches:
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, position = divmod(step, self.per_epoch)
         if epoch != self.epoch:
-            self.perms = torch.stack([epoch_permutation(s, epoch, self.n) for s in self.seeds])
+            perms = torch.stack([epoch_permutation(s, epoch, self.n) for s in self.seeds])
+            self.perms = perms.to(self.x.device)  # drawn on the CPU: the same order everywhere
             self.epoch = epoch
             if self.augment is not None:
                 self.draws = [augmentation.draw(self.augment, s, epoch, self.n) for s in self.seeds]
@@ -547,13 +604,13 @@ def saved_step(saved: dict[str, Any] | None) -> int | None:
 
 
 def _working_masks(
-    stack: Stack, jobs: Sequence[Job], dtype: torch.dtype
+    stack: Stack, jobs: Sequence[Job], dtype: torch.dtype, device: torch.device | None = None
 ) -> dict[str, torch.Tensor]:
     """Masks in the parameters' working layout, as multipliers; all-true tensors are left out
     (multiplying by one changes nothing, so a dense network pays nothing for its mask)."""
     masks = {}
     for name in jobs[0].mask.names():
-        keep = torch.stack([j.mask[name] for j in jobs])
+        keep = torch.stack([j.mask[name] for j in jobs]).to(device)
         if not bool(keep.all()):
             masks[name] = stack.to_working(name, keep).to(dtype).contiguous()
     return masks
@@ -575,7 +632,7 @@ def _flush_losses(run: _Run) -> None:
     if not run.pending:
         return
     steps = [s for s, _ in run.pending]
-    losses = torch.stack([v for _, v in run.pending]).double()
+    losses = torch.stack([v for _, v in run.pending]).cpu().double()
     run.pending.clear()
     bad = ~torch.isfinite(losses)
     if bool(bad.any()):
@@ -587,23 +644,29 @@ def _flush_losses(run: _Run) -> None:
     run.loss_count += len(steps)
 
 
-def loss_and_accuracy(stack: Stack, x: torch.Tensor, y: torch.Tensor):
+def loss_and_accuracy(
+    stack: Stack, x: torch.Tensor, y: torch.Tensor, where: Placement | None = None
+):
+    """Per network: mean loss and accuracy over ``(x, y)``, as float64 CPU tensors."""
     stack.set_training(False)  # BatchNorm uses its running statistics, dropout is off
     try:
         with torch.no_grad():
-            return _loss_and_accuracy_eval(stack, x, y)
+            return _loss_and_accuracy_eval(stack, x, y, where)
     finally:
         stack.set_training(True)
 
 
-def _loss_and_accuracy_eval(stack: Stack, x: torch.Tensor, y: torch.Tensor):
+def _loss_and_accuracy_eval(stack: Stack, x: torch.Tensor, y: torch.Tensor, where):
     """Mean cross-entropy and accuracy over every target: one per row, or one per position of
     a sequence (next-token loss and accuracy), per network."""
     k = stack.size
     chunk = EVAL_CHUNK if y.dim() == 1 else max(1, EVAL_TOKENS // y[0].numel())
     losses, correct = [], []
+    mixed = where is not None and where.mixed
     for start in range(0, x.shape[0], chunk):
-        logits = stack.forward_shared(x[start : start + chunk])
+        with where.autocast() if mixed else contextlib.nullcontext():
+            logits = stack.forward_shared(x[start : start + chunk])
+        logits = logits.float() if mixed else logits
         rows = y[start : start + chunk]
         target = rows.unsqueeze(0).expand(k, *rows.shape)
         losses.append(
@@ -612,13 +675,14 @@ def _loss_and_accuracy_eval(stack: Stack, x: torch.Tensor, y: torch.Tensor):
             ).view(k, -1)
         )
         correct.append((logits.argmax(-1) == target).reshape(k, -1))
-    return torch.cat(losses, 1).double().mean(1), torch.cat(correct, 1).double().mean(1)
+    loss = torch.cat(losses, 1).cpu().double().mean(1)
+    return loss, torch.cat(correct, 1).cpu().double().mean(1)
 
 
-def _evaluate(stack: Stack, data: Dataset, run: _Run) -> None:
+def _evaluate(stack: Stack, data: Dataset, run: _Run, where: Placement | None = None) -> None:
     _flush_losses(run)
-    val_loss, val_acc = loss_and_accuracy(stack, data.x_val, data.y_val)
-    test_loss, test_acc = loss_and_accuracy(stack, data.x_test, data.y_test)
+    val_loss, val_acc = loss_and_accuracy(stack, data.x_val, data.y_val, where)
+    test_loss, test_acc = loss_and_accuracy(stack, data.x_test, data.y_test, where)
     train_loss = (
         run.loss_sum / run.loss_count if run.loss_count else torch.full_like(val_loss, math.nan)
     )
@@ -633,13 +697,24 @@ def _evaluate(stack: Stack, data: Dataset, run: _Run) -> None:
         }
         for key, value in row.items():
             run.curve[key][i].append(value)
+        # the same choice as _results' early_stop_iter: the first evaluation with the lowest
+        # finite validation loss (the first evaluation when none is finite)
+        value = row["val_loss"]
+        if i not in run.best or (math.isfinite(value) and value < run.best_val[i]):
+            run.best[i] = _cpu_state(stack, i)
+            run.best_val[i] = value if math.isfinite(value) else math.inf
     run.loss_sum.zero_()
     run.loss_count = 0
 
 
+def _cpu_state(stack: Stack, k: int) -> State:
+    """Network ``k``'s weights in ``state_dict`` layout on the CPU (what run files hold)."""
+    return {n: t.cpu() for n, t in canonical_state(stack, k).items()}
+
+
 def _results(stack: Stack, jobs: Sequence[Job], run: _Run) -> list[Result]:
     _flush_losses(run)
-    finals = canonical_states(stack)
+    finals = [{n: t.cpu() for n, t in s.items()} for s in canonical_states(stack)]
     results = []
     for i, _job in enumerate(jobs):
         curve = {key: run.curve[key][i] for key in _CURVE_KEYS}
@@ -655,6 +730,7 @@ def _results(stack: Stack, jobs: Sequence[Job], run: _Run) -> list[Result]:
                 final_test_acc=curve["test_acc"][-1],
                 diverged=run.diverged_at[i] is not None,
                 diverged_at=run.diverged_at[i],
+                early_stop=run.best.get(i),
             )
         )
     return results
@@ -664,32 +740,48 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _checkpoint(stack: Stack, optimizer: torch.optim.Optimizer, run: _Run) -> dict[str, Any]:
-    """A copy of everything training depends on: nothing in it is shared with live state."""
+def _checkpoint(
+    stack: Stack, jobs: Sequence[Job], optimizer: torch.optim.Optimizer, run: _Run
+) -> dict[str, Any]:
+    """A copy of everything training depends on, on the CPU whatever the device (so a run
+    resumes on another device): nothing in it is shared with live state."""
     _flush_losses(run)
+    rng: dict[str, Any] = {}
+    if stack.uses_rng:
+        rng["rng"] = torch.get_rng_state()
+        device = next(iter(stack.params.values())).device
+        if device.type == "cuda":
+            rng["cuda_rng"] = torch.cuda.get_rng_state(device)
     return {
         "step": run.step,
         "start_step": run.start,
-        "params": {n: p.detach().clone() for n, p in stack.params.items()},
-        "buffers": {n: b.clone() for n, b in stack.stacked_buffers().items()},
-        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "seeds": [j.data_seed for j in jobs],
+        "params": to_cpu({n: p for n, p in stack.params.items()}),
+        "buffers": to_cpu(stack.stacked_buffers()),
+        "optimizer": to_cpu(optimizer.state_dict()),
         "curve": copy.deepcopy(run.curve),
-        "snapshots": {
-            str(i): {n: t.clone() for n, t in s.items()} for i, s in run.snapshots.items()
-        },
+        "snapshots": {str(i): to_cpu(s) for i, s in run.snapshots.items()},
+        "best": {str(i): to_cpu(s) for i, s in run.best.items()},
+        "best_val": [v if math.isfinite(v) else -1.0 for v in run.best_val],
         "diverged_at": [-1 if d is None else d for d in run.diverged_at],
         "loss_sum": run.loss_sum.clone(),
         "loss_count": run.loss_count,
-        **({"rng": torch.get_rng_state()} if stack.uses_rng else {}),
+        **({"scaler": run.scaler.state_dict()} if run.scaler is not None else {}),
+        **rng,
     }
 
 
-def _fits(stack: Stack, saved: dict[str, Any], start: int) -> bool:
+def _fits(stack: Stack, jobs: Sequence[Job], saved: dict[str, Any], start: int) -> bool:
+    """Whether ``saved`` was written for these jobs, from this start step, in this layout (a
+    checkpoint from before the early-stop weights were kept has no ``best``: its networks
+    retrain, to the same bits)."""
     params = saved.get("params", {})
-    if int(saved.get("start_step", 0)) != start:
-        return False
-    return set(params) == set(stack.params) and all(
-        params[n].shape == p.shape for n, p in stack.params.items()
+    return (
+        "best" in saved
+        and int(saved.get("start_step", 0)) == start
+        and saved.get("seeds", [j.data_seed for j in jobs]) == [j.data_seed for j in jobs]
+        and set(params) == set(stack.params)
+        and all(params[n].shape == p.shape for n, p in stack.params.items())
     )
 
 
@@ -707,8 +799,14 @@ def _restore(stack: Stack, optimizer: torch.optim.Optimizer, run: _Run, saved: d
     run.snapshots = {
         int(i): {n: t.clone() for n, t in s.items()} for i, s in saved["snapshots"].items()
     }
+    run.best = {int(i): {n: t.clone() for n, t in s.items()} for i, s in saved["best"].items()}
+    run.best_val = [math.inf if v < 0 else float(v) for v in saved["best_val"]]
     run.diverged_at = [None if d < 0 else int(d) for d in saved["diverged_at"]]
     run.loss_sum = saved["loss_sum"].clone()
     run.loss_count = int(saved["loss_count"])
+    if run.scaler is not None and "scaler" in saved:
+        run.scaler.load_state_dict(saved["scaler"])
     if "rng" in saved:
         torch.set_rng_state(saved["rng"])
+    if "cuda_rng" in saved and next(iter(stack.params.values())).device.type == "cuda":
+        torch.cuda.set_rng_state(saved["cuda_rng"], next(iter(stack.params.values())).device)
