@@ -28,6 +28,12 @@ Then a whole IMP schedule (densities 0.8^L, L = 0..16): (a) and ticketlab's (c) 
 with ticketlab forced dense (masked weights) and as it runs by default (survivors only, as
 block-diagonal CSR matrices, under ``SPARSE_BELOW``), and the ratios of total time.
 
+Then gpt_tiny (the character-level transformer) on random token sequences of pydoc_chars' shape
+(context 64, vocabulary 103) at batch 32: model-tokens/s for 4 networks one at a time and stacked
+(``torch.func.vmap``), with FLOPs per token as Kaplan et al. count them (6 x matrix weights,
+the tied head included, + 6 x layers x context x width for attention); ``--transformer`` runs
+this section alone.
+
 Then Conv-2 on 3x32x32 inputs at batch 60: network-steps/s for one network and for K=4 stacked,
 with the stacked convolutions done both ways (one grouped convolution, or a loop of per-network
 convolutions), and the FLOP bound that the machine's peak puts on steps/s.
@@ -291,6 +297,83 @@ def imp_schedule_section(data: Dataset, steps: int, a_steps: int, windows: int) 
 
 # --------------------------------------------------------------------------------------------
 
+GPT_BATCH = 32
+GPT_CONTEXT = 64
+GPT_VOCAB = 103
+
+
+def token_data(n: int, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, GPT_VOCAB, (n, GPT_CONTEXT + 1), generator=g)
+    x, y = seq[:, :-1], seq[:, 1:]
+    small = slice(0, GPT_BATCH)  # evaluation happens outside the timed steps
+    return Dataset("tokens", x, y, x[small], y[small], x[small], y[small], GPT_VOCAB)
+
+
+def gpt_flops_per_token(model: torch.nn.Module) -> float:
+    """Training FLOPs per token (Kaplan et al. 2020): 6 x the weights of every matrix multiply
+    (the tied head is the token embedding) + 6 x layers x context x width (attention)."""
+    matrices = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    width = model.tok.weight.shape[1]
+    matrices += model.tok.weight.numel()
+    return 6.0 * matrices + 6.0 * len(model.blocks) * GPT_CONTEXT * width
+
+
+def transformer_section(peak: float, windows: int, steps: int) -> None:
+    name = "gpt_tiny"
+    model = build_model(name, (GPT_CONTEXT,), GPT_VOCAB, seed=0)
+    per_token = gpt_flops_per_token(model)
+    data = token_data(4_000)
+    n = 4
+    template = model
+    jobs = []
+    for i in range(n):
+        net = build_model(name, (GPT_CONTEXT,), GPT_VOCAB, seed=i)
+        g = torch.Generator().manual_seed(1000 + i)
+        params = dict(net.named_parameters())
+        keep = {
+            n_: torch.rand(params[n_].shape, generator=g) >= SPARSITY for n_ in prunable_names(net)
+        }
+        jobs.append(Job(init=net.state_dict(), mask=Mask(keep), data_seed=i))
+    tokens = GPT_BATCH * GPT_CONTEXT
+    print(
+        f"gpt_tiny ({dense_weights(model):,} weights, {per_token / 1e6:.2f} MFLOP per training "
+        f"token), batch {GPT_BATCH} x {GPT_CONTEXT} tokens, {SPARSITY:.0%} masks, {n} networks:"
+    )
+    for label, size in (
+        ("one at a time (stack_size=1)", 1),
+        (f"stacked ({chunk_layout(template, n, None)})", None),
+    ):
+
+        def one(size: int | None = size) -> float:
+            return tokens * ticketlab_run_spec(template, jobs, data, steps, size)
+
+        ticketlab_run_spec(template, jobs, data, 2, size)  # warm-up
+        rate = best_rate(one, windows)
+        gflops = rate * per_token / 1e9
+        print(
+            f"  {label:62s} {rate:10,.0f} model-tokens/s {gflops:6.1f} GFLOP/s "
+            f"({gflops / peak:4.0%} of peak)",
+            flush=True,
+        )
+    print()
+
+
+def ticketlab_run_spec(template, jobs, data, steps: int, stack_size: int | None) -> float:
+    """Network-steps per second at the transformer's batch size (see ``ticketlab_run``)."""
+    marks: list[tuple[float, int]] = []
+    spec = TrainSpec(steps=steps, batch_size=GPT_BATCH, lr=1e-3, eval_every=10 * steps)
+    train(
+        template,
+        jobs,
+        data,
+        spec,
+        stack_size=stack_size,
+        progress=lambda k: marks.append((time.perf_counter(), k)),
+    )
+    done = sum(k for _, k in marks[1:])
+    return done / (marks[-1][0] - marks[0][0])
+
 
 def conv2_flops_per_sample(shape: tuple[int, ...]) -> float:
     """Dense training FLOPs of one Conv-2 sample: 6 * MACs of every layer (weights x positions)."""
@@ -303,6 +386,7 @@ def conv2_flops_per_sample(shape: tuple[int, ...]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter windows (a smoke test)")
+    parser.add_argument("--transformer", action="store_true", help="only the gpt_tiny section")
     parser.add_argument("--resnet20", action="store_true", help="only the ResNet-20 section")
     args = parser.parse_args()
     windows, s = (2, 4) if args.quick else (3, 1)
@@ -310,6 +394,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {load()}")
     peak = matmul_peak(1.0 if args.quick else 3.0)
     print(f"fp32 matmul peak (2048^3 sgemm, best of repeats): {peak:.1f} GFLOP/s\n", flush=True)
+    if args.transformer:
+        transformer_section(peak, windows, max(4, 40 // s))
+        print(f"{load()}; total {time.perf_counter() - started:.0f} s")
+        return
     if args.resnet20:
         resnet20_section(peak, args.quick)
         print(f"{load()}; total {time.perf_counter() - started:.0f} s")
@@ -356,6 +444,7 @@ def main() -> None:
         f"   (targets: c/a >= 5, >= 55% of peak)\n"
     )
     imp_schedule_section(data, max(6, 2000 // (s * 16)), 300 // s, 2 if windows > 2 else 1)
+    transformer_section(peak, windows, max(4, 40 // s))
 
     conv_data = random_data((3, 32, 32), 3_000)
     conv_flops = conv2_flops_per_sample((3, 32, 32)) * BATCH

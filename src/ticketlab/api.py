@@ -111,6 +111,8 @@ def _metadata(config: Config, data: Dataset) -> dict[str, Any]:
     return {
         "input_shape": list(data.input_shape),
         "num_classes": data.num_classes,
+        "task": data.task,
+        **({"data_digest": data.digest} if data.digest else {}),
         "ticketlab_version": __version__,
         "torch_version": torch.__version__,
         "python": sys.version.split()[0],
@@ -179,7 +181,7 @@ def run_search(
             except BaseException:
                 bar.live.transient = True  # an error leaves its one line, not a half-drawn bar
                 raise
-        summary = summarize_config(levels, config)
+        summary = summarize_config(levels, config, data.task)
         store.write_json("summary.json", summary)
         if config.report:
             from .io.report import write_report
@@ -192,10 +194,13 @@ def run_search(
     return TicketSearch(store.root, config, levels, summary, template)
 
 
-def summarize_config(levels: list[dict[str, Any]], config: Config) -> dict[str, Any]:
+def summarize_config(
+    levels: list[dict[str, Any]], config: Config, task: str = "classification"
+) -> dict[str, Any]:
     return summarize(
         levels,
         config.tolerance_pp,
+        task,
         early_stop_tolerance=config.early_stop_tolerance,
         eval_every=config.eval_every,
         confidence=config.confidence,

@@ -33,7 +33,9 @@ def find(
     config_file: Annotated[
         Path | None, Opt("--config", help="TOML file of settings (flags override it).")
     ] = None,
-    model: Annotated[str | None, Opt(help="Model name (see `ticketlab models`).")] = None,
+    model: Annotated[
+        str | None, Opt(help="Model name (see `ticketlab models`); sizes as gpt_tiny:layers=4.")
+    ] = None,
     data: Annotated[str | None, Opt(help="Data set name (see `ticketlab datasets`).")] = None,
     levels: Annotated[int | None, Opt(help="Pruning rounds after the dense level.")] = None,
     replicates: Annotated[int | None, Opt(help="Independent repetitions (seeds).")] = None,
@@ -81,6 +83,9 @@ def find(
     ] = None,
     exclude: Annotated[list[str] | None, Opt(help="Layer or parameter never pruned.")] = None,
     prune_biases: Annotated[bool | None, Opt("--prune-biases", help="Prune biases too.")] = None,
+    prune_embeddings: Annotated[
+        bool | None, Opt("--prune-embeddings", help="Prune nn.Embedding tables too.")
+    ] = None,
     criterion: Annotated[str | None, Opt(help="Mask criterion (default large_final).")] = None,
     reset: Annotated[str | None, Opt(help="Reset of survivors (default rewind).")] = None,
     rewind_step: Annotated[int | None, Opt(help="Rewind survivors to this step.")] = None,
@@ -159,6 +164,7 @@ def find(
         "resplit": resplit,
         "exclude": exclude or None,
         "prune_biases": prune_biases,
+        "prune_embeddings": prune_embeddings,
         "criterion": criterion,
         "reset": reset,
         "rewind_step": rewind_step,
@@ -229,10 +235,10 @@ def models() -> None:
 @app.command()
 def datasets() -> None:
     """List the registered data sets."""
-    from .zoo.data import DATASETS, DESCRIPTIONS
+    from .zoo.data import DESCRIPTIONS, dataset_names
 
     out = Table("data set", "description")
-    for name in DATASETS:
+    for name in dataset_names():
         out.add_row(name, DESCRIPTIONS.get(name, ""))
     Console().print(out)
 
@@ -280,6 +286,53 @@ def export(
     )
     for line in report.lines():
         Console().print(line)
+
+
+@app.command()
+def oneshot(
+    run: Annotated[Path, typer.Argument(help="Finished `ticketlab find` run folder.")],
+    methods: Annotated[str, Opt(help="Comma-separated: magnitude, wanda.")] = "magnitude,wanda",
+    finetune_steps: Annotated[
+        int | None, Opt(help="Masked fine-tune steps after pruning (default: run's steps/10).")
+    ] = None,
+    finetune_lr_factor: Annotated[float, Opt(help="Fine-tune lr = this x run's lr.")] = 0.1,
+    calibration_batches: Annotated[int, Opt(help="Training batches for Wanda's norms.")] = 8,
+    densities: Annotated[
+        str | None, Opt(help="Comma-separated weights remaining (default: the run's levels).")
+    ] = None,
+) -> None:
+    """One-shot magnitude and Wanda pruning of the run's trained dense networks, beside its IMP."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .api import resolve_saved
+    from .studies.grid import parse_names, parse_sparsities
+    from .studies.oneshot import OneShotSettings, run_oneshot
+
+    if not (run / "config.toml").is_file():
+        raise TicketlabError(f"{run} is not a ticketlab run folder (no config.toml)")
+    settings = OneShotSettings(
+        methods=tuple(parse_names(methods, "methods")),
+        finetune_steps=finetune_steps,
+        finetune_lr_factor=finetune_lr_factor,
+        calibration_batches=calibration_batches,
+        densities=tuple(parse_sparsities(densities)) if densities else (),
+    )
+    settings.validate()
+    bar = Progress(
+        TextColumn("one-shot"), BarColumn(), TimeElapsedColumn(), console=Console(stderr=True)
+    )
+    with bar:
+        task = bar.add_task("one-shot", total=None)
+        run_oneshot(
+            run,
+            resolve_saved(run / "config.toml"),
+            settings,
+            progress=lambda n: bar.advance(task, n),
+        )
+    console = Console()
+    if not console.is_terminal:  # piped or captured: the table's full width, not 80 columns
+        console = Console(width=200)
+    console.print((run / "oneshot" / "oneshot.md").read_text(), markup=False, highlight=False)
 
 
 def one_line(message: str) -> str:

@@ -67,20 +67,29 @@ class Mask:
 
 
 def prunable_names(
-    model: nn.Module, prune_biases: bool = False, exclude: Iterable[str] = ()
+    model: nn.Module,
+    prune_biases: bool = False,
+    exclude: Iterable[str] = (),
+    embeddings: bool = False,
 ) -> list[str]:
-    """Names of parameters that pruning may touch: weights (and optionally biases) of Linear/Conv.
+    """Names of parameters that pruning may touch: weights (and optionally biases) of Linear/Conv,
+    and with ``embeddings`` the tables of ``nn.Embedding`` layers.
 
-    Decided by layer type, never by matching 'weight' in a name, so BatchNorm is never pruned.
+    Decided by layer type, never by matching 'weight' in a name, so BatchNorm and LayerNorm are
+    never pruned, nor (by default) a transformer's token and position embeddings.
     """
     excluded = set(exclude)
+    layer_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    if embeddings:
+        layer_types += (nn.Embedding,)
     names = []
     for module_name, module in model.named_modules():
-        if not isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        if not isinstance(module, layer_types):
             continue
         if module_name in excluded:
             continue
-        for param_name in ("weight", "bias") if prune_biases else ("weight",):
+        with_bias = prune_biases and not isinstance(module, nn.Embedding)
+        for param_name in ("weight", "bias") if with_bias else ("weight",):
             full = f"{module_name}.{param_name}" if module_name else param_name
             if getattr(module, param_name, None) is not None and full not in excluded:
                 names.append(full)
@@ -130,19 +139,24 @@ def layer_groups(names: Iterable[str]) -> list[list[str]]:
 
 
 def layer_kinds(model: nn.Module, output_layer: str | None = None) -> dict[str, str]:
-    """'conv', 'fc' or 'output' per parameter name, for the paper's per-layer-kind pruning rates.
+    """'conv', 'fc', 'output' or 'embedding' per parameter name, for the paper's per-layer-kind
+    pruning rates.
 
     ``output_layer``: the module name of the output layer (see ``find_output_layer``); without
-    it, the last Linear registered (a guess that a module defining its head first gets wrong)."""
+    it, the model's own ``output_layer`` attribute when it has one (None: no output layer, e.g. a
+    head tied to the embedding), else the last Linear registered (a guess that a module defining
+    its head first gets wrong)."""
     if output_layer is None:
         linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        output_layer = linear_names[-1] if linear_names else None
+        output_layer = getattr(model, "output_layer", linear_names[-1] if linear_names else None)
     kinds = {}
     for module_name, module in model.named_modules():
-        if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
-            kind = "conv" if not isinstance(module, nn.Linear) else "fc"
-            if module_name == output_layer:
-                kind = "output"
+        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            kind = "conv"
+        elif isinstance(module, nn.Embedding):
+            kind = "embedding"
+        elif isinstance(module, nn.Linear):
+            kind = "output" if module_name == output_layer else "fc"
         else:
             continue
         for param_name, _ in module.named_parameters(recurse=False):

@@ -107,6 +107,7 @@ class Config:
     sparsities: list[float] = field(default_factory=list)  # schedule "list": one per level
     exclude: list[str] = field(default_factory=list)
     prune_biases: bool = False
+    prune_embeddings: bool = False  # nn.Embedding tables (a transformer's token/position tables)
     criterion: str = "large_final"
     reset: str = "rewind"
     rewind_step: int = 0
@@ -215,6 +216,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "steps": 1500,
         "data_order": "cyclic",
         "prune_biases": True,
+    },
+    # Karpathy's nanoGPT config/train_shakespeare_char.py (character-level GPT: Adam(W) lr 1e-3,
+    # 100 warm-up steps, batch 64 x 256 characters, 5000 iterations), scaled down to a
+    # ~1-minute run on 2 CPU cores: batch 32 x 64 characters, 1000 steps, no dropout (dropout
+    # would force one network at a time) and no weight decay (Adam, not AdamW).
+    "gpt_tiny": {
+        "optimizer": "adam",
+        "lr": 1e-3,
+        "batch_size": 32,
+        "steps": 1000,
+        "warmup_steps": 100,
+        "eval_every": 100,
     },
     # The deep CIFAR networks of the rewinding follow-ups (Frankle et al. 2020, arXiv 1912.05671;
     # Renda et al. 2020, arXiv 2003.02389) with OpenLTH's defaults (models/cifar_resnet.py and
@@ -403,7 +416,7 @@ def load_toml(path: Path) -> dict[str, Any]:
 
 
 def validate(c: Config) -> None:
-    from ..zoo.data import DATASETS
+    from ..zoo.data import dataset_names
     from ..zoo.models import MODELS, is_known_model
 
     def need(cond: bool, message: str) -> None:
@@ -425,8 +438,8 @@ def validate(c: Config) -> None:
     # "custom" names come from the Python API, which brings its own module and tensors
     known_model = is_known_model(c.model) or c.model.startswith("custom:")
     need(known_model, f"unknown model {c.model!r}; known models: {', '.join(MODELS)}")
-    known_data = c.data in DATASETS or c.data == "custom"
-    need(known_data, f"unknown data set {c.data!r}; known: {', '.join(DATASETS)}")
+    known_data = c.data in dataset_names() or c.data == "custom"
+    need(known_data, f"unknown data set {c.data!r}; known: {', '.join(dataset_names())}")
     need(c.optimizer in ("adam", "sgd"), f"optimizer must be 'adam' or 'sgd', got {c.optimizer!r}")
     need(c.lr > 0, f"lr must be > 0, got {c.lr}")
     need(c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay}")

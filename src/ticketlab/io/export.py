@@ -122,7 +122,9 @@ def export_ticket(
         model.load_state_dict(state)
     dense_ms = sparse_ms = None
     if model is not None:
-        dense_ms, sparse_ms = inference_speed(model, input_shape, mask.names())
+        tokens = store.read_json("run.json").get("task") == "language_model"
+        vocab = num_classes if tokens else 0
+        dense_ms, sparse_ms = inference_speed(model, input_shape, mask.names(), vocab=vocab)
     return ExportReport(
         out,
         mask.density(),
@@ -307,11 +309,17 @@ def inference_speed(
     pruned: list[str] | None = None,
     batch: int = 256,
     repeats: int = 30,
+    vocab: int = 0,
 ) -> tuple[float, float]:
-    """Median ms per batch for the dense model and its ``sparse_inference`` copy (CPU)."""
+    """Median ms per batch for the dense model and its ``sparse_inference`` copy (CPU); inputs
+    are random token ids below ``vocab`` when it is set (a language model), else Gaussian."""
     dense = model.eval()
     sparse = sparse_inference(model, pruned)
-    x = torch.randn(batch, *input_shape)
+    g = torch.Generator().manual_seed(0)
+    if vocab:
+        x = torch.randint(0, vocab, (batch, *input_shape), generator=g)
+    else:
+        x = torch.randn(batch, *input_shape, generator=g)
     return _median_ms(dense, x, repeats), _median_ms(sparse, x, repeats)
 
 

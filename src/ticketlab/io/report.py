@@ -37,7 +37,7 @@ else:  # pragma: no cover
 
 from ..errors import TicketlabError
 from .store import atomic_write_bytes
-from .summary import answer_line, diff_cell, stopped_lines, summarize, verdict_cell
+from .summary import LANGUAGE_MODEL, answer_line, diff_cell, stopped_lines, summarize, verdict_cell
 
 PAPER_BRANCHES = ("ticket", "reinit", "random_prune")
 BRANCH_COLORS = {"ticket": "tab:blue", "reinit": "tab:orange", "random_prune": "tab:green"}
@@ -78,6 +78,47 @@ class RunData:
     def branches(self) -> list[str]:
         return _ordered(b for row in self.rows for b in row["branches"])
 
+    @property
+    def task(self) -> str:
+        return str(self.meta.get("task", "classification"))
+
+
+@dataclass(frozen=True)
+class Measure:
+    """What the figures and tables show: test accuracy (%) for classifiers, test perplexity
+    (exp of the mean next-token loss) for language models."""
+
+    suffix: str  # statistics are f"early_stop_test_{suffix}", f"final_test_{suffix}", ...
+    name: str
+    scale: float
+    short: str
+
+    def curve(self, nets: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.suffix == "acc":
+            found = _mean_curve(nets, "test_acc")
+            return None if found is None else (found[0], found[1] * 100)
+        found = _mean_curve(nets, "test_loss")
+        return None if found is None else (found[0], np.exp(np.minimum(found[1], 700.0)))
+
+    def cell(self, stat: dict[str, float] | None) -> str:
+        if stat is None:
+            return "-"
+        s = self.scale
+        return f"{stat['mean'] * s:.{self.digits}f} ± {stat['std'] * s:.{self.digits}f}"
+
+    @property
+    def digits(self) -> int:
+        return 1 if self.suffix == "acc" else 3
+
+
+ACCURACY = Measure("acc", "Test accuracy (%)", 100.0, "acc. (%)")
+PERPLEXITY = Measure("ppl", "Test perplexity", 1.0, "ppl.")
+
+
+def measure(runs: Sequence[RunData]) -> Measure:
+    """Perplexity when every run is a language model, else accuracy."""
+    return PERPLEXITY if runs and all(r.task == LANGUAGE_MODEL for r in runs) else ACCURACY
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
@@ -116,9 +157,11 @@ def _load_run(path: Path, name: str | None) -> RunData:
     if finished:
         summary = _read_json(summary_path)
     elif levels:
+        task = str(meta.get("task", "classification"))
         summary = summarize(
             levels,
             float(config.get("tolerance_pp", 0.5)),
+            task,
             early_stop_tolerance=int(config.get("early_stop_tolerance", 1)),
             eval_every=int(config.get("eval_every", 100)),
             confidence=float(config.get("confidence", 0.95)),
@@ -339,21 +382,25 @@ def _title(runs: Sequence[RunData]) -> str:
 
 
 def accuracy_figure(runs: Sequence[RunData]) -> Figure:
-    """Test accuracy at early stop (left) and at the end of training (right) vs % remaining."""
+    """Test accuracy (perplexity) at early stop (left) and at the end of training (right) vs %
+    remaining."""
+    m = measure(runs)
+    label = m.name.split(" (")[0]
     fig = Figure(figsize=(13, 4.8), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     for ax, key, title in (
-        (axes[0], "early_stop_test_acc", "Test accuracy at early stop"),
-        (axes[1], "final_test_acc", "Test accuracy at end of training"),
+        (axes[0], f"early_stop_test_{m.suffix}", f"{label} at early stop"),
+        (axes[1], f"final_test_{m.suffix}", f"{label} at end of training"),
     ):
-        _plot_stat(ax, runs, key, 100.0)
-        _mark_winning(ax, runs, key, 100.0)
+        _plot_stat(ax, runs, key, m.scale)
+        _mark_winning(ax, runs, key, m.scale)
         _percent_axis(ax, _all_x(runs), max_ticks=11)
         ax.set_title(title)
-    axes[0].set_ylabel("Test accuracy (%)")
+    axes[0].set_ylabel(m.name)
     axes[1].tick_params(labelleft=True)
     _outside_legend(fig, axes[0])
-    fig.suptitle(f"Accuracy vs sparsity: {_title(runs)}   ({BAND_NOTE})", fontsize=10)
+    what = label.removeprefix("Test ").capitalize()
+    fig.suptitle(f"{what} vs sparsity: {_title(runs)}   ({BAND_NOTE})", fontsize=10)
     return fig
 
 
@@ -378,13 +425,15 @@ def _titles(fig: Figure, ax: Axes, title: str, note: str = BAND_NOTE) -> None:
 def untrained_figure(runs: Sequence[RunData]) -> Figure | None:
     """Accuracy of the masked network before training ("supermask accuracy"), or None when no
     run recorded it."""
+    m = measure(runs)
     fig = Figure(figsize=(9, 4.8), layout="constrained")
     ax = fig.subplots()
-    if not _plot_stat(ax, runs, "untrained_test_acc", 100.0):
+    if not _plot_stat(ax, runs, f"untrained_test_{m.suffix}", m.scale):
         return None
     _percent_axis(ax, _all_x(runs))
-    ax.set_ylabel("Test accuracy before training (%)")
-    _titles(fig, ax, f"Untrained (supermask) accuracy: {_title(runs)}")
+    ax.set_ylabel(f"{m.name} before training")
+    what = m.name.split(" (")[0].removeprefix("Test ")
+    _titles(fig, ax, f"Untrained (supermask) {what}: {_title(runs)}")
     _outside_legend(fig, ax)
     return fig
 
@@ -405,21 +454,23 @@ def selected_levels(run: RunData, count: int = 4) -> list[int]:
 
 
 def curves_figure(runs: Sequence[RunData], count: int = 4) -> Figure:
-    """Ticket test accuracy vs training iteration for a few levels (mean over replicates)."""
+    """Ticket test accuracy (perplexity) vs training iteration for a few levels (mean over
+    replicates)."""
+    m = measure(runs)
     fig = Figure(figsize=(max(8.0, min(6.5 * len(runs), 19.5)), 4.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(runs), sharey=True, squeeze=False)[0])
     for ax, run in zip(axes, runs, strict=True):
         chosen = selected_levels(run, count)
         for i, metrics in enumerate(m for m in run.levels if m["level"] in chosen):
             nets = [n for n in metrics["networks"] if n["branch"] == "ticket"]
-            curve = _mean_curve(nets)
+            curve = m.curve(nets)
             if curve is None:
                 continue
             pct = _format_pct(_pct(_num(metrics["weights_remaining"])))
             win = run.winning_ticket and run.winning_ticket["level"] == metrics["level"]
             ax.plot(
                 curve[0],
-                curve[1] * 100,
+                curve[1],
                 color=f"C{i}",
                 linewidth=1.6,
                 label=f"{pct}% (level {metrics['level']}){' winning' if win else ''}",
@@ -428,15 +479,17 @@ def curves_figure(runs: Sequence[RunData], count: int = 4) -> Figure:
         if len(runs) > 1:
             ax.set_title(run.name)
         ax.grid(True, alpha=0.3)
-        _legend(ax, loc="lower right", title="% weights remaining", title_fontsize=8)
+        corner = "lower right" if m is ACCURACY else "upper right"
+        _legend(ax, loc=corner, title="% weights remaining", title_fontsize=8)
         ax.tick_params(labelleft=True)
-    axes[0].set_ylabel("Test accuracy (%)")
+    axes[0].set_ylabel(m.name)
     note = "mean over replicates; diverged networks excluded"
+    what = m.name.split(" (")[0].lower()
     if len(runs) == 1:
-        fig.suptitle("Ticket test accuracy during training", fontsize=11)
+        fig.suptitle(f"Ticket {what} during training", fontsize=11)
         axes[0].set_title(note, fontsize=8, color="0.35")
     else:
-        fig.suptitle(f"Ticket test accuracy during training ({note})", fontsize=11)
+        fig.suptitle(f"Ticket {what} during training ({note})", fontsize=11)
     return fig
 
 
@@ -541,7 +594,11 @@ def write_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = []
+    text = measure(runs) is PERPLEXITY
     for stem, build, caption in FIGURES:
+        if text:
+            caption = caption.replace("Test accuracy", "Test perplexity")
+            caption = caption.replace("Accuracy before", "Perplexity before")
         fig = build(runs)
         if fig is not None:
             _write_figure(fig, out_dir, stem)
@@ -581,10 +638,6 @@ def stability_sections(runs: Sequence[RunData], out_dir: Path) -> list[str]:
 # tables and text
 
 
-def _acc_cell(stat: dict[str, float] | None) -> str:
-    return "-" if stat is None else f"{_pct(stat['mean']):.1f} ± {_pct(stat['std']):.1f}"
-
-
 def _iter_cell(stat: dict[str, float] | None) -> str:
     return "-" if stat is None else f"{stat['mean']:.0f} ± {stat['std']:.0f}"
 
@@ -598,6 +651,7 @@ def winning_sentence(run: RunData, progress: bool = True) -> str:
     """The run's answer (as the CLI prints it), noting when the run has not finished."""
     summary = dict(run.summary or {"winning_ticket": run.winning_ticket})
     summary["tolerance_pp"] = _fmt_tol(run.tolerance_pp)
+    summary.setdefault("task", run.task)
     sentence = answer_line(summary)
     if progress and not run.finished:
         sentence += f" (Run not finished: {len(run.rows)} levels so far, no summary.json yet.)"
@@ -609,11 +663,12 @@ def _fmt_tol(tol: float) -> float | int:
 
 
 def table_rows(run: RunData) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of the summary table: per branch, accuracy at early stop and the
-    early-stop iteration (mean ± std); diverged networks flagged in the accuracy cell."""
+    """Header and cells of the summary table: per branch, accuracy (perplexity) at early stop and
+    the early-stop iteration (mean ± std); diverged networks flagged in the accuracy cell."""
+    m = measure([run])
     header = ["level", "% weights"]
     for branch in run.branches():
-        header += [f"{branch} acc. (%)", f"{branch} ES iter."]
+        header += [f"{branch} {m.short}", f"{branch} ES iter."]
     controls = [b for b in run.branches() if b != "ticket"]
     header += ["ticket − dense (pp)"] + [f"ticket − {b} (pp)" for b in controls] + ["verdict"]
     rows = []
@@ -627,7 +682,7 @@ def table_rows(run: RunData) -> tuple[list[str], list[list[str]]]:
             if branch not in row["branches"]:
                 cells += ["", ""]
                 continue
-            acc = _acc_cell(_stat(row, branch, "early_stop_test_acc"))
+            acc = m.cell(_stat(row, branch, f"early_stop_test_{m.suffix}"))
             if n := _diverged(row, branch):
                 acc += f" ({n} diverged)"
             cells += [acc, _iter_cell(_stat(row, branch, "early_stop_iter"))]
@@ -649,12 +704,13 @@ def summary_markdown(runs: Sequence[RunData]) -> str:
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "|".join("---:" for _ in header) + "|")
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in rows]
+        what = "ppl.: test perplexity" if measure([run]) is PERPLEXITY else "acc.: test accuracy"
         out += [
             "",
-            "acc.: test accuracy at early stop; ES iter.: early-stop iteration. Mean ± std over "
+            f"{what} at early stop; ES iter.: early-stop iteration. Mean ± std over "
             "replicates; diverged networks are excluded and counted. ticket − other: mean "
             "difference over paired replicates with its t-interval in brackets ([n=1]: one "
-            "replicate, no interval).",
+            "replicate, no interval; none for language models).",
             "",
         ]
     return "\n".join(out)
@@ -689,7 +745,7 @@ def _html_table(run: RunData) -> str:
     controls = [b for b in branches if b != "ticket"]
     head1 += f'<th colspan="{1 + len(controls)}">ticket − other (pp, CI)</th>'
     head1 += '<th rowspan="2">verdict</th>'
-    head2 = "".join("<th>acc. (%)</th><th>ES iter.</th>" for _ in branches)
+    head2 = "".join(f"<th>{e(measure([run]).short)}</th><th>ES iter.</th>" for _ in branches)
     head2 += "<th>dense</th>" + "".join(f"<th>{e(b)}</th>" for b in controls)
     _, rows = table_rows(run)
     body = []
@@ -750,8 +806,9 @@ def report_html(
         if multi:
             parts.append(f"<h3>{e(run.name)}</h3>")
         parts.append(_html_table(run))
+    what = "ppl.: test perplexity" if measure(runs) is PERPLEXITY else "acc.: test accuracy"
     parts.append(
-        "<p>acc.: test accuracy at early stop (the iteration of minimum validation loss); "
+        f"<p>{what} at early stop (the iteration of minimum validation loss); "
         "ES iter.: that iteration. Mean ± std over replicates; networks that diverged are "
         "excluded from the means and counted. ★ marks the smallest winning ticket. "
         'Also as <a href="summary.md">summary.md</a>.</p><h2>Figures</h2>'

@@ -15,6 +15,10 @@ wins when, at the chosen confidence over replicates,
 Differences are paired by replicate (a replicate's ticket, controls and dense network share its
 init and rewind point) and use only replicates where both networks trained without diverging. With
 fewer than two pairs there is no interval and the summary says the replicates are too few.
+
+Language-model runs (``task="language_model"``) are judged by test perplexity, exp of the mean
+next-token loss, on the means over replicates (matching: at most ``tolerance_pp`` percent above
+dense); they get no paired intervals yet.
 """
 
 from __future__ import annotations
@@ -28,6 +32,26 @@ from rich.text import Text
 
 STATS = ("early_stop_test_acc", "final_test_acc", "early_stop_iter", "untrained_test_acc")
 CONTROL_LABELS = {"reinit": "reinit", "random_prune": "random prune"}
+LOSS_STATS = ("early_stop_test_loss", "final_test_loss", "untrained_test_loss")
+LANGUAGE_MODEL = "language_model"
+
+
+def _network_stats(net: dict[str, Any]) -> dict[str, Any]:
+    """The per-network numbers summarised: the trainer's, plus perplexity = exp(loss)."""
+    out = {key: net.get(key) for key in (*STATS, *LOSS_STATS)}
+    for key in LOSS_STATS:
+        loss = out[key]
+        out[key.replace("_loss", "_ppl")] = (
+            math.exp(min(loss, 700.0)) if isinstance(loss, int | float) else None
+        )
+    return out
+
+
+def headline(task: str) -> tuple[str, str]:
+    """(statistic, its name) that a run of ``task`` is judged by."""
+    if task == LANGUAGE_MODEL:
+        return "early_stop_test_ppl", "perplexity"
+    return "early_stop_test_acc", "accuracy"
 
 
 def spread(values: list[float]) -> dict[str, float | None]:
@@ -78,6 +102,7 @@ def _pairs(a: dict[int, float], b: dict[int, float]) -> list[tuple[float, float]
 def summarize(
     level_metrics: list[dict[str, Any]],
     tolerance_pp: float,
+    task: str = "classification",
     *,
     early_stop_tolerance: int = 1,
     eval_every: int | None = None,
@@ -85,6 +110,7 @@ def summarize(
 ) -> dict[str, Any]:
     """Rows of the table, the comparisons and verdict of each level, and the winning ticket;
     diverged networks are counted, not averaged."""
+    lm = task == LANGUAGE_MODEL
     rows = []
     dense = level_metrics[0] if level_metrics else None
     dense_acc = _by_replicate(dense, "ticket", "early_stop_test_acc") if dense else {}
@@ -94,8 +120,9 @@ def summarize(
         per_branch: dict[str, dict[str, Any]] = {}
         for branch in dict.fromkeys(n["branch"] for n in level["networks"]):
             nets = [n for n in level["networks"] if n["branch"] == branch]
-            healthy = [n for n in nets if not n["diverged"]]
-            stats = {key: spread([n[key] for n in healthy if n[key] is not None]) for key in STATS}
+            healthy = [_network_stats(n) for n in nets if not n["diverged"]]
+            keys = healthy[0] if healthy else STATS
+            stats = {key: spread([n[key] for n in healthy if n[key] is not None]) for key in keys}
             per_branch[branch] = {**stats, "diverged": len(nets) - len(healthy)}
         row: dict[str, Any] = {
             "level": level["level"],
@@ -104,7 +131,7 @@ def summarize(
         }
         if level.get("stopped"):
             row["stopped"] = level["stopped"]
-        if level["level"]:
+        if level["level"] and not lm:
             ticket = _by_replicate(level, "ticket", "early_stop_test_acc")
             compare = {"dense": difference(_pairs(ticket, dense_acc), confidence)}
             for control in per_branch:
@@ -116,10 +143,12 @@ def summarize(
             row["early_stop"] = _early_stop(iters, dense_iter, slack)
             row["verdict"] = _verdict(compare, row["early_stop"], tolerance_pp)
         rows.append(row)
+    lm_winner = winning_ticket(rows, tolerance_pp, task) if lm else None
     return {
         "rows": rows,
-        "winning_ticket": _smallest(rows, "winning"),
-        "by_means": _smallest(rows, "by_means"),
+        "winning_ticket": lm_winner if lm else _smallest(rows, "winning"),
+        "by_means": lm_winner if lm else _smallest(rows, "by_means"),
+        "task": task,
         "tolerance_pp": tolerance_pp,
         "early_stop_tolerance": early_stop_tolerance,
         "eval_every": eval_every,
@@ -174,6 +203,37 @@ def _smallest(rows: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
     return best
 
 
+def winning_ticket(
+    rows: list[dict[str, Any]], tolerance_pp: float, task: str = "classification"
+) -> dict[str, Any] | None:
+    """Sparsest level whose ticket's mean early-stop accuracy is within ``tolerance_pp`` of dense
+    (perplexity: at most ``tolerance_pp`` percent above dense) and whose mean early-stop
+    iteration is no later than dense."""
+    if not rows:
+        return None
+    key, _ = headline(task)
+    dense = rows[0]["branches"]["ticket"]
+    if not dense.get(key, {}).get("n"):
+        return None
+    best = None
+    for row in rows[1:]:
+        ticket = row["branches"]["ticket"]
+        if not ticket.get(key, {}).get("n"):
+            continue
+        if task == LANGUAGE_MODEL:
+            acc_ok = ticket[key]["mean"] <= dense[key]["mean"] * (1 + tolerance_pp / 100)
+        else:
+            acc_ok = ticket[key]["mean"] >= dense[key]["mean"] - tolerance_pp / 100
+        iter_ok = ticket["early_stop_iter"]["mean"] <= dense["early_stop_iter"]["mean"]
+        if (
+            acc_ok
+            and iter_ok
+            and (best is None or row["weights_remaining"] < best["weights_remaining"])
+        ):
+            best = {"level": row["level"], "weights_remaining": row["weights_remaining"]}
+    return best
+
+
 def _pct(stat: dict[str, float | None]) -> str:
     if not stat["n"]:
         return "-"
@@ -213,16 +273,29 @@ def stopped_lines(summary: dict[str, Any]) -> list[str]:
     ]
 
 
+def _ppl(stat: dict[str, float | None]) -> str:
+    if not stat["n"]:
+        return "-"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
 def table(summary: dict[str, Any]) -> Table:
-    """Level, % remaining, early-stop accuracy per branch (mean ± std, %), the ticket's paired
-    differences with dense and each control (pp, t-interval), early-stop iteration, verdict."""
+    """Level, % remaining, early-stop accuracy (or perplexity) per branch (mean ± std), the
+    ticket's paired differences with dense and each control (pp, t-interval), early-stop
+    iteration, verdict."""
     branch_names = list(dict.fromkeys(b for row in summary["rows"] for b in row["branches"]))
     controls = [b for b in branch_names if b != "ticket"]
     conf = round(100 * summary.get("confidence", 0.95))
-    out = Table(
-        title=f"Test accuracy at early stop (%), mean ± std over replicates; "
-        f"ticket − other in pp [{conf}% CI]"
-    )
+    task = summary.get("task", "classification")
+    key, _ = headline(task)
+    cell_of = _ppl if task == LANGUAGE_MODEL else _pct
+    if task == LANGUAGE_MODEL:
+        out = Table(title="Test perplexity at early stop, mean ± std over replicates")
+    else:
+        out = Table(
+            title=f"Test accuracy at early stop (%), mean ± std over replicates; "
+            f"ticket − other in pp [{conf}% CI]"
+        )
     out.add_column("level", justify="right")
     out.add_column("% weights", justify="right")
     for name in branch_names:
@@ -236,7 +309,8 @@ def table(summary: dict[str, Any]) -> Table:
         cells = [str(row["level"]), f"{100 * row['weights_remaining']:.1f}"]
         for name in branch_names:
             branch = row["branches"].get(name)
-            cell = _pct(branch["early_stop_test_acc"]) if branch else ""
+            empty = {"n": 0}
+            cell = cell_of(branch.get(key, empty)) if branch else ""
             if branch and branch["diverged"]:
                 cell += f" ({branch['diverged']} diverged)"
             cells.append(cell)
@@ -269,6 +343,18 @@ def definition(summary: dict[str, Any]) -> str:
 def answer_line(summary: dict[str, Any]) -> str:
     """The run's answer in one sentence (several when it needs to say why not)."""
     win = summary["winning_ticket"]
+    if summary.get("task") == LANGUAGE_MODEL:
+        tol = summary["tolerance_pp"]
+        if win is None:
+            return (
+                f"No winning ticket: no pruned level matched the dense network's test perplexity "
+                f"(within {tol}%)."
+            )
+        return (
+            f"Smallest winning ticket: {100 * win['weights_remaining']:.1f}% of weights remaining "
+            f"(level {win['level']}), test perplexity within {tol}% of dense and training no "
+            "slower (means over replicates)."
+        )
     if "confidence" not in summary:  # a summary written before the verdict had intervals
         tol = summary.get("tolerance_pp", 0.5)
         if win is None:

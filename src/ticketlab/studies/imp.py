@@ -62,16 +62,27 @@ class Setup:
 
     @property
     def prunable(self) -> list[str]:
-        return prunable_names(self.template, self.config.prune_biases, self.config.exclude)
+        c = self.config
+        return prunable_names(self.template, c.prune_biases, c.exclude, c.prune_embeddings)
 
     @cached_property
     def output_layer(self) -> str | None:
-        """The layer pruned at the output rate: given, or found from a forward pass."""
-        return self.config.output_layer or find_output_layer(self.template, self.data.x_train[:2])
+        """The layer pruned at the output rate: given, named by the model (``output_layer``
+        attribute; None for a head tied to the embedding), or found from a forward pass."""
+        if self.config.output_layer:
+            return self.config.output_layer
+        if hasattr(self.template, "output_layer"):
+            return self.template.output_layer
+        return find_output_layer(self.template, self.data.x_train[:2].cpu())
 
     def rates(self) -> dict[str, float]:
         c = self.config
-        by_kind = {"conv": c.conv_rate, "fc": c.fc_rate, "output": c.output_layer_rate()}
+        by_kind = {
+            "conv": c.conv_rate,
+            "fc": c.fc_rate,
+            "output": c.output_layer_rate(),
+            "embedding": c.fc_rate,
+        }
         kinds = layer_kinds(self.template, self.output_layer)
         return {name: by_kind[kinds[name]] for name in self.prunable}
 

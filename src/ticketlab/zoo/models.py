@@ -1,4 +1,4 @@
-"""The networks of the papers.
+"""The networks of the papers, and a small GPT (``gpt_tiny``) for tickets in language models.
 
 Every builder takes the input shape and class count from the data set, so one architecture works on
 MNIST, MNIST-1D and CIFAR alike. The LTH paper's networks (LeNet, Conv-2/4/6) are plain
@@ -232,6 +232,122 @@ def vgg16(input_shape: tuple[int, ...], num_classes: int, *, width: float = 1.0)
     return _kaiming(VGG(channels, plan, num_classes))
 
 
+# --- a small GPT ------------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with explicit q/k/v/out ``nn.Linear`` projections.
+
+    Explicit Linear layers (not ``nn.MultiheadAttention``, whose fused ``in_proj_weight`` is a raw
+    parameter) let the mask, the pruning criteria and Wanda see four ordinary weight matrices.
+    The causal mask is built inside ``forward`` (no buffer), so the module is stateless and
+    ``torch.func.vmap`` can train many copies side by side.
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise TicketlabError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        batch, length, width = h.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        # written out, not F.scaled_dot_product_attention: vmap has no batching rule for the CPU
+        # kernel of the latter and falls back to a loop over the networks (it warns so)
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+        future = torch.ones(length, length, dtype=torch.bool, device=h.device).triu(1)
+        y = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
+        return self.out(y.transpose(1, 2).reshape(batch, length, width))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block (GPT-2): x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = CausalSelfAttention(width, heads)
+        self.ln2 = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, mlp_ratio * width)
+        self.proj = nn.Linear(mlp_ratio * width, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.attn(self.ln1(h))
+        return h + self.proj(F.gelu(self.fc(self.ln2(h))))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer over token ids ``[B, T]`` -> next-token logits ``[B, T, vocab]``.
+
+    The output head is tied to the token embedding (GPT-2), so the prunable matrices by default
+    (``prunable_names``: Linear weights) are exactly the attention and MLP matrices; embeddings,
+    LayerNorms and biases are never pruned unless asked for. Inputs may arrive as floats (the
+    trainer's example batch is cast to the training dtype); ids are exact integers either way.
+    """
+
+    output_layer = None  # the head is the tied embedding: no Linear gets the output-layer rate
+
+    def __init__(self, vocab: int, context: int, width: int, layers: int, heads: int, mlp: int):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(context, width)
+        self.blocks = nn.ModuleList([Block(width, heads, mlp) for _ in range(layers)])
+        self.ln_f = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = x.long()
+        positions = torch.arange(idx.shape[-1], device=idx.device)
+        h = self.tok(idx) + self.pos(positions)
+        for block in self.blocks:
+            h = block(h)
+        return self.ln_f(h) @ self.tok.weight.T
+
+
+def _gpt_init(model: GPT, layers: int) -> GPT:
+    """GPT-2's init: N(0, 0.02) for matrices and embeddings, residual projections scaled by
+    1/sqrt(2 * layers), zero biases, LayerNorm at identity."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            std = 0.02 / math.sqrt(2 * layers) if name.endswith(("out", "proj")) else 0.02
+            nn.init.normal_(module.weight, std=std)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+    return model
+
+
+def gpt_tiny(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    layers: float = 2,
+    width: float = 64,
+    heads: float = 4,
+    mlp: float = 4,
+) -> nn.Module:
+    """Character-level GPT (decoder-only; nanoGPT's layout, scaled down): 2 blocks, width 64."""
+    if len(input_shape) != 1:
+        raise TicketlabError(
+            f"gpt_tiny needs token sequences (context length,); got input shape {input_shape}"
+        )
+    sizes = {"layers": layers, "width": width, "heads": heads, "mlp": mlp}
+    for key, value in sizes.items():
+        if value < 1 or value != int(value):
+            raise TicketlabError(f"gpt_tiny option {key} must be a whole number >= 1, got {value}")
+    n_layers, n_width, n_heads, n_mlp = (int(v) for v in sizes.values())
+    model = GPT(num_classes, input_shape[0], n_width, n_layers, n_heads, n_mlp)
+    return _gpt_init(model, n_layers)
+
+
 MODELS: dict[str, ModelBuilder] = {
     "lenet_300_100": lenet_300_100,
     "mnist1d_mlp": mnist1d_mlp,
@@ -241,6 +357,7 @@ MODELS: dict[str, ModelBuilder] = {
     "resnet20": resnet20,
     "vgg16": vgg16,
     "resnet18": resnet18,
+    "gpt_tiny": gpt_tiny,
 }
 
 
