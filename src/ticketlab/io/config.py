@@ -156,7 +156,7 @@ def load_toml(path: Path) -> dict[str, Any]:
 
 
 def validate(c: Config) -> None:
-    from ..zoo.data import DATASETS
+    from ..zoo.data import DATASETS, parse_data_name
     from ..zoo.models import MODELS
 
     def need(cond: bool, message: str) -> None:
@@ -172,6 +172,9 @@ def validate(c: Config) -> None:
     known_model = c.model in MODELS or c.model.startswith("custom:")
     need(known_model, f"unknown model {c.model!r}; known models: {', '.join(MODELS)}")
     known_data = c.data in DATASETS or c.data == "custom"
+    if not known_data and ":" in c.data:  # a variant (zoo/variants.py): its own one-line errors
+        parse_data_name(c.data)
+        known_data = True
     need(known_data, f"unknown data set {c.data!r}; known: {', '.join(DATASETS)}")
     need(c.levels >= 0, f"levels must be >= 0, got {c.levels}")
     need(c.replicates >= 1, f"replicates must be >= 1, got {c.replicates}")

@@ -33,12 +33,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..errors import TicketlabError
+
+if TYPE_CHECKING:
+    from .variants import Variant
 
 
 @dataclass(frozen=True)
@@ -439,12 +442,30 @@ def load_dataset(name: str, val_fraction: float = 0.1, seed: int = 0) -> Dataset
     Early stopping picks the iteration of minimum *validation* loss, so validation must not be the
     test set; the split depends only on ``seed`` so every replicate sees the same split.
     """
-    if name not in DATASETS:
-        raise TicketlabError(f"unknown data set {name!r}; known data sets: {', '.join(DATASETS)}")
+    variant = parse_data_name(name)
     if not 0.0 < val_fraction < 1.0:
         raise TicketlabError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    x, y, x_test, y_test = DATASETS[name]()
+    if name in DATASETS:
+        x, y, x_test, y_test = DATASETS[name]()
+    else:  # a variant (zoo/variants.py): the base set, regenerated or transformed
+        from .variants import apply_variant, mnist1d_generated
+
+        raw = mnist1d_generated(variant.generation) if variant.generation else None
+        raw = apply_variant(variant, raw or DATASETS[variant.base](), name)
+        x, y, x_test, y_test = raw
     return split_validation(name, x, y, x_test, y_test, val_fraction, seed)
+
+
+def parse_data_name(name: str) -> Variant:
+    """Check a data set name, base or variant (``BASE:OPTIONS``), without loading any data."""
+    from .variants import parse_variant
+
+    try:
+        return parse_variant(name, lambda base: base in DATASETS)
+    except TicketlabError as exc:
+        if str(exc).startswith("unknown data set"):
+            raise TicketlabError(f"{exc}; known data sets: {', '.join(DATASETS)}") from None
+        raise
 
 
 def split_validation(
