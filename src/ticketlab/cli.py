@@ -135,6 +135,9 @@ def datasets() -> None:
     for name in DATASETS:
         out.add_row(name, DESCRIPTIONS.get(name, ""))
     Console().print(out)
+    from .zoo.variants import SYNTAX
+
+    Console().print(f"Variants: {SYNTAX}; e.g. mnist5k:0-4, mnist1d:seed=1, digits:size=28.")
 
 
 @app.command()

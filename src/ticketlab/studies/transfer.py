@@ -207,10 +207,10 @@ def run_transfer(
         store.clean_temp_files()
         pending = [lv for lv in levels if not store.exists(_level_file(lv))]
         dense_pending = not store.exists("dense.json")
+        per_level = len(plan.level_branches()) * replicates
         if on_total:
-            per_level = len(plan.level_branches()) * replicates
             on_total(spec.steps * (per_level * len(pending) + replicates * dense_pending))
-        for group in _groups(pending, len(plan.level_branches()) * replicates, dense_pending):
+        for group in _groups(pending, per_level, replicates if dense_pending else 0):
             plan.train_and_save(store, group, dense=dense_pending, progress=progress)
             dense_pending = False
         if dense_pending:
@@ -265,11 +265,11 @@ def _level_file(level: int) -> str:
     return f"levels/level_{level:02d}.json"
 
 
-def _groups(pending: list[int], per_level: int, dense: bool) -> list[list[int]]:
+def _groups(pending: list[int], per_level: int, dense_jobs: int) -> list[list[int]]:
     """Consecutive levels in groups of about GROUP_JOBS networks (at least one level each)."""
     groups: list[list[int]] = []
     current: list[int] = []
-    size = per_level if dense else 0  # the dense networks ride with the first group
+    size = dense_jobs  # the dense networks ride with the first group
     for level in pending:
         if current and size + per_level > GROUP_JOBS:
             groups.append(current)
