@@ -98,3 +98,16 @@ def test_cli_bad_variant_exits_2_without_writing(capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "bogus" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_variants_of_a_downloaded_set(tmp_path, monkeypatch):
+    """The download path's sets take the same options (tested on small files in their format)."""
+    from test_data import write_idx_set
+
+    monkeypatch.setenv("TICKETLAB_DATA_DIR", str(tmp_path / "cache"))
+    raw = write_idx_set(tmp_path / "cache", subdir="fashion_mnist")
+    d = load_dataset("fashion_mnist:0-4,size=8", val_fraction=0.2, seed=0)
+    keep = raw["train"][1] < 5
+    assert d.input_shape == (1, 8, 8)
+    assert len(d.x_train) + len(d.x_val) == keep.sum()
+    assert set(d.y_train.tolist()) <= set(range(5))
