@@ -91,6 +91,7 @@ def test_augmenting_non_images_is_one_clear_error():
         Batches(Dataset("flat", x, y, x, y, x, y), [1], 4, "crop")
 
 
+@pytest.mark.slow  # a wall-clock ratio: meaningful only on a quiet machine, not in CI
 def test_augmentation_is_a_small_part_of_a_step():
     """Vectorised: 4 networks x 128 CIFAR images augment in milliseconds (~10 ms on a quiet core;
     the bound is generous for a loaded shared machine)."""

@@ -2,9 +2,18 @@
 
 __version__ = "0.1.0"
 
-from .api import TicketSearch, find_ticket, run_search  # noqa: E402
+from .api import TicketSearch, find_ticket, run_search, transfer_ticket  # noqa: E402
 from .core.finders import find_mask  # noqa: E402
 from .core.mask import Mask  # noqa: E402
 from .io.config import Config, resolve  # noqa: E402
 
-__all__ = ["Config", "Mask", "TicketSearch", "find_mask", "find_ticket", "resolve", "run_search"]
+__all__ = [
+    "Config",
+    "Mask",
+    "TicketSearch",
+    "find_mask",
+    "find_ticket",
+    "resolve",
+    "run_search",
+    "transfer_ticket",
+]

@@ -7,6 +7,7 @@ returned ``TicketSearch`` reads it back.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import hashlib
 import platform
@@ -278,6 +279,18 @@ def find_ticket(
             raw = redraw_split(x, y, x_test, y_test, seed)
             splits.append(split_validation("custom", *raw, config.val_fraction, seed))
 
+    return run_search(
+        config,
+        template=model,
+        init_state=module_init_state(model),
+        data=data,
+        replicate_data=splits.__getitem__ if splits else None,
+    )
+
+
+def module_init_state(model: nn.Module) -> Callable[[int], State]:
+    """Seeded inits of any module: its own ``reset_parameters`` under the seed."""
+
     def init_state(seed: int) -> State:
         fresh = copy.deepcopy(model)
         with torch.random.fork_rng(devices=[]):
@@ -287,10 +300,63 @@ def find_ticket(
                     module.reset_parameters()
         return {k: v.detach().clone() for k, v in fresh.state_dict().items()}
 
-    return run_search(
-        config,
-        template=model,
-        init_state=init_state,
-        data=data,
-        replicate_data=splits.__getitem__ if splits else None,
-    )
+    return init_state
+
+
+def transfer_ticket(
+    run: str | Path,
+    to: str,
+    *,
+    model: nn.Module | None = None,
+    train: tuple[torch.Tensor, torch.Tensor] | None = None,
+    test: tuple[torch.Tensor, torch.Tensor] | None = None,
+    console: Console | None = None,
+    **settings: Any,
+) -> Any:
+    """Carry the tickets of ``run`` to the data set ``to`` and train them beside the controls.
+
+    ``settings``: ``levels``, ``init`` (rewind/fresh), ``optimizer``, ``lr``, ``steps``,
+    ``replicates``, ``seed``, ``output_mask`` (carry/redraw), ``target_run``, ``out``. For a run
+    found with ``find_ticket`` on a custom module, pass the same ``model`` and the target's
+    ``train``/``test`` tensors (``to`` then only names them). Returns a ``TransferResult``.
+    """
+    from .studies.transfer import TransferSettings, open_run, run_transfer
+
+    console = console or Console(stderr=True)
+    known = {f.name for f in dataclasses.fields(TransferSettings)} - {"to"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TicketlabError(f"unknown transfer setting {unknown[0]!r}; known: {', '.join(known)}")
+    if isinstance(settings.get("levels"), int):
+        settings["levels"] = (settings["levels"],)
+    chosen = {k: v for k, v in settings.items() if v is not None}
+    if "levels" in chosen:
+        chosen["levels"] = tuple(int(lv) for lv in chosen["levels"])
+    options = TransferSettings(to=to, **chosen)
+    template = init_state = data = None
+    if model is not None or train is not None or test is not None:
+        if model is None or train is None or test is None:
+            raise TicketlabError("a custom transfer needs model, train and test together")
+        source = open_run(run, "source run")
+        x, y = (np.asarray(t) for t in train)
+        x_test, y_test = (np.asarray(t) for t in test)
+        seed = source.config.seed if options.seed is None else options.seed
+        vf = source.config.val_fraction
+        data = split_validation("custom", x, y, x_test, y_test, vf, seed)
+        template, init_state = model, module_init_state(model)
+        options = dataclasses.replace(options, to="custom")
+    with _progress_bar(console) as bar:
+        task = bar.add_task("transfer", total=None)
+        try:
+            return run_transfer(
+                run,
+                options,
+                template=template,
+                init_state=init_state,
+                data=data,
+                progress=lambda n: bar.advance(task, n),
+                on_total=lambda total: bar.update(task, total=total),
+            )
+        except BaseException:
+            bar.live.transient = True
+            raise

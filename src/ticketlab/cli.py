@@ -241,6 +241,9 @@ def datasets() -> None:
     for name in dataset_names():
         out.add_row(name, DESCRIPTIONS.get(name, ""))
     Console().print(out)
+    from .zoo.variants import SYNTAX
+
+    Console().print(f"Variants: {SYNTAX}; e.g. mnist5k:0-4, mnist1d:seed=1, digits:size=28.")
 
 
 @app.command()
@@ -597,6 +600,56 @@ def _bar(label: str, total: int):
             yield lambda n: progress.advance(task, n)
 
     return bar()
+
+
+@app.command()
+def transfer(
+    run: Annotated[Path, typer.Argument(help="Source run folder (a finished ticket search).")],
+    to: Annotated[str, Opt("--to", help="Target data set or variant, e.g. mnist1d:seed=1.")],
+    level: Annotated[
+        list[int] | None, Opt("--level", help="Source level to carry (repeat; default all).")
+    ] = None,
+    init: Annotated[str, Opt(help="rewind (source's weights) or fresh (new init).")] = "rewind",
+    optimizer: Annotated[str | None, Opt(help="adam or sgd (default: the source's).")] = None,
+    lr: Annotated[float | None, Opt(help="Learning rate (default: see README).")] = None,
+    momentum: Annotated[float | None, Opt(help="SGD momentum (default: the source's).")] = None,
+    steps: Annotated[int | None, Opt(help="Training steps (default: the source's).")] = None,
+    replicates: Annotated[int | None, Opt(help="Replicates (<= the source's).")] = None,
+    seed: Annotated[int | None, Opt(help="Seed of split, orders, controls.")] = None,
+    output_mask: Annotated[
+        str, Opt(help="carry the output layer's mask, or redraw it at random (same count).")
+    ] = "carry",
+    target_run: Annotated[
+        Path | None, Opt(help="An IMP run on the target: its own ticket is the oracle.")
+    ] = None,
+    out: Annotated[Path | None, Opt(help="Folder (default RUN/transfer/<settings>).")] = None,
+    stack_size: Annotated[int | None, Opt(help="Networks trained side by side (0 = auto).")] = None,
+) -> None:
+    """Carry a run's tickets to other data, seeds or optimizers, beside the controls."""
+    from .api import transfer_ticket
+
+    result = transfer_ticket(
+        run,
+        to,
+        levels=tuple(level or ()),
+        init=init,
+        optimizer=optimizer,
+        lr=lr,
+        momentum=momentum,
+        steps=steps,
+        replicates=replicates,
+        seed=seed,
+        output_mask=output_mask,
+        target_run=str(target_run) if target_run else None,
+        out=str(out) if out else None,
+        stack_size=stack_size,
+    )
+    from .io.transfer_report import rich_tables
+
+    console = Console() if Console().is_terminal else Console(width=160)
+    for table in rich_tables(result.summary):
+        console.print(table)
+    console.print(f"Saved {result.folder}/transfer.json, transfer.md, transfer.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -416,7 +416,7 @@ def load_toml(path: Path) -> dict[str, Any]:
 
 
 def validate(c: Config) -> None:
-    from ..zoo.data import dataset_names
+    from ..zoo.data import dataset_names, parse_data_name
     from ..zoo.models import MODELS, is_known_model
 
     def need(cond: bool, message: str) -> None:
@@ -439,6 +439,9 @@ def validate(c: Config) -> None:
     known_model = is_known_model(c.model) or c.model.startswith("custom:")
     need(known_model, f"unknown model {c.model!r}; known models: {', '.join(MODELS)}")
     known_data = c.data in dataset_names() or c.data == "custom"
+    if not known_data and ":" in c.data:  # a variant (zoo/variants.py): its own one-line errors
+        parse_data_name(c.data)
+        known_data = True
     need(known_data, f"unknown data set {c.data!r}; known: {', '.join(dataset_names())}")
     need(c.optimizer in ("adam", "sgd"), f"optimizer must be 'adam' or 'sgd', got {c.optimizer!r}")
     need(c.lr > 0, f"lr must be > 0, got {c.lr}")

@@ -603,6 +603,9 @@ def write_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
         if fig is not None:
             _write_figure(fig, out_dir, stem)
             figures.append((stem, caption))
+    from .transfer_report import report_figures  # transfers of these runs (studies/transfer.py)
+
+    figures += report_figures([run.path for run in runs], out_dir)
     atomic_write_bytes(out_dir / "summary.md", summary_markdown(runs).encode())
     index = out_dir / "index.html"
     sections = stability_sections(runs, out_dir)

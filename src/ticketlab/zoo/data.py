@@ -34,13 +34,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from http.client import HTTPException
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..errors import TicketlabError
 from .text import char_splits, pydoc_text, text_digest
+
+if TYPE_CHECKING:
+    from .variants import Variant
 
 
 @dataclass(frozen=True)
@@ -576,18 +579,36 @@ def load_dataset(
     test set; the split depends only on ``seed`` so every replicate sees the same split, unless
     ``split_seed`` redraws the train/test split first (``redraw_split``).
     """
-    if name not in DATASETS and name not in TEXT_DATASETS:
-        known = ", ".join(dataset_names())
-        raise TicketlabError(f"unknown data set {name!r}; known data sets: {known}")
     if not 0.0 < val_fraction < 1.0:
         raise TicketlabError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if name in TEXT_DATASETS:
         return TEXT_DATASETS[name](val_fraction)
-    x, y, x_test, y_test = DATASETS[name]()
+    variant = parse_data_name(name)
+    if name in DATASETS:
+        x, y, x_test, y_test = DATASETS[name]()
+    else:  # a variant (zoo/variants.py): the base set, regenerated or transformed
+        from .variants import apply_variant, mnist1d_generated
+
+        raw = mnist1d_generated(variant.generation) if variant.generation else None
+        raw = apply_variant(variant, raw or DATASETS[variant.base](), name)
+        x, y, x_test, y_test = raw
     if split_seed is not None:
         x, y, x_test, y_test = redraw_split(x, y, x_test, y_test, split_seed)
         seed = split_seed
     return split_validation(name, x, y, x_test, y_test, val_fraction, seed)
+
+
+def parse_data_name(name: str) -> Variant:
+    """Check a data set name, base or variant (``BASE:OPTIONS``), without loading any data."""
+    from .variants import parse_variant
+
+    try:
+        return parse_variant(name, lambda base: base in DATASETS)
+    except TicketlabError as exc:
+        if str(exc).startswith("unknown data set"):
+            known = ", ".join(dataset_names())
+            raise TicketlabError(f"{exc}; known data sets: {known}") from None
+        raise
 
 
 def split_validation(
