@@ -33,12 +33,13 @@ from ..zoo.data import Dataset
 from .sparse_linear import SPARSE_BELOW
 from .stacked import (
     Stack,
+    StackPlan,
     State,
+    build_stack,
     canonical_state,
     canonical_states,
-    has_randomness,
     max_stack_size,
-    stack_networks,
+    plan_stack,
 )
 
 EVAL_CHUNK = 2048
@@ -160,6 +161,7 @@ def train(
     checkpointers: Sequence[Checkpointer | None] | None = None,
     lanes: int | None = None,
     sparse_below: float = SPARSE_BELOW,
+    plan: StackPlan | None = None,
 ) -> list[Result]:
     """Train every job; ``stack_size`` networks at a time (default: as many as the architecture
     allows, up to 16, spread over the CPU cores). ``stack_size=1`` is the one-by-one path.
@@ -176,8 +178,11 @@ def train(
     on a small CPU that beats one stack whose every operation is split over the threads, and it
     does not collapse when another process takes a core. ``lanes``: how many stacks may train at
     once (default: torch's intra-op thread count; 1 = one after another).
+
+    ``plan``: how the networks of a stack run together (default: ``plan_stack`` on this data).
     """
     data = data.to(getattr(torch, spec.dtype))
+    plan = plan or plan_stack(template, data.x_train)
     order = sorted(range(len(jobs)), key=lambda i: jobs[i].mask.density())
     by_density = [jobs[i] for i in order]
     bounds = _chunk_bounds(template, len(jobs), stack_size, lanes)
@@ -186,10 +191,10 @@ def train(
     def run_chunk(c: int, chunk_progress: Progress | None) -> list[Result]:
         checkpointer = checkpointers[c] if checkpointers else None
         return train_stack(
-            template, chunks[c], data, spec, chunk_progress, checkpointer, sparse_below
+            template, chunks[c], data, spec, chunk_progress, checkpointer, sparse_below, plan
         )
 
-    parallel = _lane_count(template, len(chunks), lanes)
+    parallel = _lane_count(template, plan, len(chunks), lanes)
     if parallel > 1:
         trained = _train_in_lanes(run_chunk, len(chunks), parallel, progress)
     else:
@@ -209,10 +214,10 @@ def _lanes_available(lanes: int | None) -> int:
     return max(1, lanes if lanes is not None else torch.get_num_threads())
 
 
-def _lane_count(template: nn.Module, n_chunks: int, lanes: int | None) -> int:
-    # Modules with state or randomness (BatchNorm, dropout) use torch's global RNG and train one
-    # network at a time: never concurrently. Nor do modules too large to stack (memory).
-    if max_stack_size(template) == 1:
+def _lane_count(template: nn.Module, plan: StackPlan, n_chunks: int, lanes: int | None) -> int:
+    # Random modules (dropout) draw from torch's global generator, one network's stream at a time:
+    # never concurrently. Nor do modules too large to stack (memory).
+    if plan.random or max_stack_size(template) == 1:
         return 1
     return min(n_chunks, _lanes_available(lanes))
 
@@ -297,10 +302,15 @@ def train_stack(
     progress: Progress | None = None,
     checkpointer: Checkpointer | None = None,
     sparse_below: float = SPARSE_BELOW,
+    plan: StackPlan | None = None,
 ) -> list[Result]:
     dtype = getattr(torch, spec.dtype)
     data = data.to(dtype)
-    stack = stack_networks(template, [j.init for j in jobs], dtype, data.x_train)
+    plan = plan or plan_stack(template, data.x_train)
+    # Anything random inside the network (dropout) draws from each network's own stream, seeded
+    # from its job (so a run is reproducible whatever stack it is in) and checkpointed.
+    seeds = [_rng_seed(j) for j in jobs]
+    stack = build_stack(plan, template, [j.init for j in jobs], dtype, seeds)
     k = stack.size
     masks = _working_masks(stack, jobs, dtype)
     _apply_masks(stack, masks)
@@ -312,19 +322,12 @@ def train_stack(
     run = _Run(diverged_at=[None] * k, loss_sum=torch.zeros(k, dtype=torch.float64))
     run.curve = {key: [[] for _ in range(k)] for key in _CURVE_KEYS}
 
-    # Anything random inside the network (dropout) draws from the global generator: seed it from the
-    # job so a run is reproducible, and checkpoint its state so a resume is too. (Such networks
-    # never train in parallel lanes, see _lane_count.)
-    random = has_randomness(template)
-    with torch.random.fork_rng(devices=[], enabled=random):
-        if random:
-            torch.manual_seed(_rng_seed(jobs))
-        saved = checkpointer.load() if checkpointer else None
-        if saved is not None and not _fits(stack, saved):
-            saved = None  # written for another layout (dense vs sparse): retrain, same bits
-        if saved is not None:
-            _restore(stack, optimizer, run, saved)
-        _train_loop(stack, jobs, data, spec, masks, optimizer, run, progress, checkpointer, saved)
+    saved = checkpointer.load() if checkpointer else None
+    if saved is not None and not _fits(stack, saved):
+        saved = None  # written for another layout (dense vs sparse): retrain, same bits
+    if saved is not None:
+        _restore(stack, optimizer, run, saved)
+    _train_loop(stack, jobs, data, spec, masks, optimizer, run, progress, checkpointer, saved)
     return _results(stack, jobs, run)
 
 
@@ -422,8 +425,8 @@ class Batches:
         return x.view(len(self.seeds), -1, *self.shape), y
 
 
-def _rng_seed(jobs: Sequence[Job]) -> int:
-    return (jobs[0].data_seed * 1_000_003 + 0x5EED) % (2**63 - 1)
+def _rng_seed(job: Job) -> int:
+    return (job.data_seed * 1_000_003 + 0x5EED) % (2**63 - 1)
 
 
 _CURVE_KEYS = ("iteration", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc")
@@ -561,12 +564,16 @@ def _checkpoint(stack: Stack, optimizer: torch.optim.Optimizer, run: _Run) -> di
         "diverged_at": [-1 if d is None else d for d in run.diverged_at],
         "loss_sum": run.loss_sum.clone(),
         "loss_count": run.loss_count,
-        **({"rng": torch.get_rng_state()} if stack.uses_rng else {}),
+        **({"rng": stack.rng_state()} if stack.uses_rng else {}),
     }
 
 
 def _fits(stack: Stack, saved: dict[str, Any]) -> bool:
     params = saved.get("params", {})
+    if stack.uses_rng:  # one stream per network (checkpoints before 0.2 held one for the stack)
+        rng = saved.get("rng")
+        if rng is None or rng.dim() != 2 or rng.shape[0] != stack.size:
+            return False
     return set(params) == set(stack.params) and all(
         params[n].shape == p.shape for n, p in stack.params.items()
     )
@@ -590,4 +597,4 @@ def _restore(stack: Stack, optimizer: torch.optim.Optimizer, run: _Run, saved: d
     run.loss_sum = saved["loss_sum"].clone()
     run.loss_count = int(saved["loss_count"])
     if "rng" in saved:
-        torch.set_rng_state(saved["rng"])
+        stack.set_rng_state(saved["rng"])
