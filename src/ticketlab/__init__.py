@@ -4,6 +4,15 @@ __version__ = "0.1.0"
 
 from .api import TicketSearch, find_ticket, run_search  # noqa: E402
 from .core.mask import Mask  # noqa: E402
+from .errors import TicketlabError  # noqa: E402
 from .io.config import Config, resolve  # noqa: E402
 
-__all__ = ["Config", "Mask", "TicketSearch", "find_ticket", "resolve", "run_search"]
+__all__ = [
+    "Config",
+    "Mask",
+    "TicketSearch",
+    "TicketlabError",
+    "find_ticket",
+    "resolve",
+    "run_search",
+]

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tomli_w
 import torch
 from rich.console import Console
@@ -25,14 +24,16 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 
 from . import __version__
-from .core.mask import Mask
+from .core.mask import Mask, prunable_names
 from .errors import TicketlabError
 from .io.config import Config, load_toml, resolve
 from .io.run_files import load_masks, load_rewind
 from .io.store import TMP_PREFIX, RunStore, atomic_write_bytes
 from .io.summary import answer_line, summarize, table
 from .studies.imp import Setup, run_imp, total_steps
-from .train.stacked import State
+from .train.layout import buffer_names
+from .train.stacked import State, plan_stack
+from .zoo.checks import as_arrays, check_fit
 from .zoo.data import Dataset, load_dataset, split_validation
 from .zoo.models import build_model
 
@@ -110,9 +111,18 @@ def run_search(
     init_state: Callable[[int], State] | None = None,
     data: Dataset | None = None,
     console: Console | None = None,
+    given: State | None = None,
 ) -> TicketSearch:
-    """Run (or resume) the search ``config`` describes, print its table, write its report."""
+    """Run (or resume) the search ``config`` describes, print its table, write its report.
+
+    ``given``: replicate 0's initial weights (a user's module as passed); ``init_state(seed)``
+    draws every other init. The data is checked against the module before anything is written.
+    """
     console = console or Console(stderr=True)
+
+    def warn(message: str) -> None:
+        console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
     store = open_store(config)
     data = data or load_dataset(config.data, config.val_fraction, config.seed)
     if template is None:
@@ -123,6 +133,14 @@ def run_search(
             return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     assert init_state is not None
+    dtype = getattr(torch, config.dtype)
+    check_fit(template, data, prunable_names(template, config.prune_biases, config.exclude), dtype)
+    plan = plan_stack(template, data.x_train.to(dtype))
+    if not plan.side_by_side and config.batch and config.stack_size != 1:
+        warn(
+            f"{type(template).__name__} trains its networks one after another, not side by "
+            f"side: {plan.reason}"
+        )
     with store.lock():
         if not store.path("config.toml").exists():
             atomic_write_bytes(
@@ -131,11 +149,7 @@ def run_search(
         if not store.exists("run.json"):  # separately: a run can be killed between the two
             store.write_json("run.json", _metadata(config, data))
         store.clean_temp_files()
-
-        def warn(message: str) -> None:
-            console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
-
-        setup = Setup(config, template, init_state, data, store, warn)
+        setup = Setup(config, template, init_state, data, store, warn, given, plan)
         with _progress_bar(console) as bar:
             task = bar.add_task("ticket search", total=total_steps(config))
             try:
@@ -175,21 +189,32 @@ def print_result(search: TicketSearch, console: Console) -> None:
     console.print(f"Run folder: {search.run_dir}")
 
 
+Init = Callable[[nn.Module], Any]
+
+
 def find_ticket(
     model: nn.Module,
-    train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
+    train: tuple[Any, Any],
+    test: tuple[Any, Any],
     *,
     out: str | Path | None = None,
+    init: Init | None = None,
+    console: Console | None = None,
     **settings: Any,
 ) -> TicketSearch:
-    """IMP on any ``nn.Module``: ``train``/``test`` are (inputs, integer labels) tensors.
+    """IMP on any ``nn.Module``: ``train``/``test`` are (inputs, integer labels) pairs of NumPy
+    arrays or tensors, checked against the module before anything trains.
 
-    ``settings`` are config keys (``levels``, ``replicates``, ``steps``, ``fc_rate``...). Replicate
-    inits and the reinit control come from the model's own ``reset_parameters`` under a seed.
+    Replicate 0 starts from ``model``'s weights exactly as passed. Every other replicate, and the
+    reinit control, starts from ``init(module)`` applied to a copy of ``model`` under its own seed
+    (``init`` initialises the copy in place, or returns the module to use). By default that is each
+    submodule's ``reset_parameters``; parameters that no ``reset_parameters`` covers (raw
+    ``nn.Parameter``s of your own modules) keep their given values, with a warning naming them.
+    ``settings`` are config keys (``levels``, ``replicates``, ``steps``, ``fc_rate``...).
     """
     if not isinstance(model, nn.Module):
         raise TicketlabError("find_ticket needs a torch.nn.Module")
+    console = console or Console(stderr=True)
     fingerprint = hashlib.sha256(repr(model).encode()).hexdigest()[:8]
     out = out or tempfile.mkdtemp(prefix="ticketlab-")
     config = resolve(
@@ -201,17 +226,62 @@ def find_ticket(
             "out": str(out),
         }
     )
-    x, y = (np.asarray(t) for t in train)
-    x_test, y_test = (np.asarray(t) for t in test)
+    x, y = as_arrays(train, "train")
+    x_test, y_test = as_arrays(test, "test")
     data = split_validation("custom", x, y, x_test, y_test, config.val_fraction, config.seed)
+    if init is None:
+        uncovered = _names_without_reset(model)
+        if uncovered and (config.replicates > 1 or "reinit" in config.controls):
+            console.print(
+                f"warning: no reset_parameters covers {', '.join(uncovered)}: other replicates "
+                "and the reinit control keep their given values; pass init= to draw them",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
 
     def init_state(seed: int) -> State:
         fresh = copy.deepcopy(model)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for module in fresh.modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
-        return {k: v.detach().clone() for k, v in fresh.state_dict().items()}
+            if init is None:
+                for module in fresh.modules():
+                    if callable(getattr(module, "reset_parameters", None)):
+                        module.reset_parameters()
+            else:
+                returned = init(fresh)
+                fresh = returned if isinstance(returned, nn.Module) else fresh
+        return module_state(fresh)
 
-    return run_search(config, template=model, init_state=init_state, data=data)
+    return run_search(
+        config,
+        template=model,
+        init_state=init_state,
+        data=data,
+        console=console,
+        given=module_state(model),
+    )
+
+
+def module_state(module: nn.Module) -> State:
+    """A detached copy of the parameters and saved buffers, each tensor under one name (a tied
+    weight under its first), which is how every stack and run file names them."""
+    named = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    named.update({n: buffers[n] for n in buffer_names(module)})
+    return {n: t.detach().clone() for n, t in named.items()}
+
+
+def _names_without_reset(model: nn.Module) -> list[str]:
+    """Parameters whose own module has no ``reset_parameters`` (default init leaves them alone)."""
+    names = []
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        covered = callable(getattr(module, "reset_parameters", None))
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if not covered:
+                names.append(f"{module_name}.{name}" if module_name else name)
+    return names

@@ -71,10 +71,13 @@ def prunable_names(
 ) -> list[str]:
     """Names of parameters that pruning may touch: weights (and optionally biases) of Linear/Conv.
 
-    Decided by layer type, never by matching 'weight' in a name, so BatchNorm is never pruned.
+    Decided by layer type, never by matching 'weight' in a name, so BatchNorm is never pruned. A
+    weight tied between layers is one tensor, named once (by its first name, as
+    ``named_parameters`` does).
     """
     excluded = set(exclude)
     names = []
+    seen: set[int] = set()
     for module_name, module in model.named_modules():
         if not isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
             continue
@@ -82,7 +85,11 @@ def prunable_names(
             continue
         for param_name in ("weight", "bias") if prune_biases else ("weight",):
             full = f"{module_name}.{param_name}" if module_name else param_name
-            if getattr(module, param_name, None) is not None and full not in excluded:
+            tensor = getattr(module, param_name, None)
+            if tensor is None or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            if full not in excluded:
                 names.append(full)
     return names
 

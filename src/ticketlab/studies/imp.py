@@ -24,7 +24,7 @@ from ..errors import TicketlabError
 from ..io.config import Config
 from ..io.run_files import level_dir, load_masks, load_replicates, load_rewind
 from ..io.store import RunStore
-from ..train.stacked import State
+from ..train.stacked import StackPlan, State
 from ..train.trainer import Job, Progress, Result, TrainSpec, chunk_count, train
 from ..zoo.data import Dataset
 from .common import train_spec
@@ -46,6 +46,8 @@ class Setup:
     data: Dataset
     store: RunStore
     warn: Callable[[str], None] = field(default=_warn_stderr, compare=False)
+    given: State | None = None  # replicate 0's init, when the user handed us a module's weights
+    plan: StackPlan | None = None  # how networks train together (default: the trainer decides)
 
     @property
     def prunable(self) -> list[str]:
@@ -126,7 +128,8 @@ def _make_job(
 ) -> Job:
     c = setup.config
     if rewinds is None:  # the dense network: its weights at rewind_step become the rewind point
-        init = setup.init_state(derive_seed(c.seed, "init", r))
+        given = setup.given if r == 0 else None
+        init = given if given is not None else setup.init_state(derive_seed(c.seed, "init", r))
         return Job(init, mask, data_seed, snapshot_step=c.rewind_step)
     rewind = rewinds[r]
     reset_name = {"ticket": c.reset, "reinit": "reinit", "random_prune": "rewind"}[branch]
@@ -165,6 +168,7 @@ def train_level(
         stack_size=size,
         progress=progress,
         checkpointers=checkpointers,
+        plan=setup.plan,
     )
 
 

@@ -396,8 +396,11 @@ class _Probe:
         self.xs = _probe_rows(example_input)
         self.seeds = [11, 12]
         g = torch.Generator().manual_seed(0)
-        base = {n: t.detach().double() if t.is_floating_point() else t.detach()
-                for n, t in template.state_dict().items()}  # fmt: skip
+        tensors = {n: t for n, t in [*template.named_parameters(), *template.named_buffers()]}
+        base = {
+            n: tensors[n].detach().double() if tensors[n].is_floating_point() else tensors[n]
+            for n in [*parameter_names(template), *buffer_names(template)]
+        }  # one entry per tensor: a tied weight is perturbed once
         other = {}
         for name, t in base.items():
             if not t.is_floating_point():
