@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt "torch==2.13.0"
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,tensorboard]"
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,tensorboard,ray]"
 	touch $(STAMP)
 
 demo: $(STAMP)

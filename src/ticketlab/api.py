@@ -149,7 +149,7 @@ def run_search(
         if not store.exists("run.json"):  # separately: a run can be killed between the two
             store.write_json("run.json", _metadata(config, data))
         store.clean_temp_files()
-        setup = Setup(config, template, init_state, data, store, warn, given, plan)
+        setup = Setup(config, template, init_state, data, store, warn, given=given, plan=plan)
         with _progress_bar(console) as bar:
             task = bar.add_task("ticket search", total=total_steps(config))
             try:

@@ -69,6 +69,12 @@ def find(
         bool, Opt("--tensorboard", help="Also log TensorBoard scalars.")
     ] = False,
     no_report: Annotated[bool, Opt("--no-report", help="Skip the HTML report.")] = False,
+    backend: Annotated[
+        str | None, Opt(help="Where stacks train: local, or ray (a Ray cluster; same results).")
+    ] = None,
+    address: Annotated[
+        str | None, Opt(help="Ray cluster address (default: start or join one on this machine).")
+    ] = None,
 ) -> None:
     """Iterative magnitude pruning with the paper's controls; prints the table and the answer."""
     from .api import print_result, run_search
@@ -104,6 +110,8 @@ def find(
         "checkpoint_every": checkpoint_every,
         "tensorboard": tensorboard or None,
         "report": False if no_report else None,
+        "backend": backend,
+        "address": address,
     }
     settings = load_toml(config_file) if config_file else {}
     settings.update({k: v for k, v in flags.items() if v is not None})
@@ -209,6 +217,12 @@ def compare(
     ] = False,
     stack_size: Annotated[int | None, Opt(help="Networks trained side by side (0 = auto).")] = None,
     out: Annotated[str, Opt(help="Folder for grid.json and grid.md.")] = "runs/grid",
+    backend: Annotated[
+        str, Opt(help="Where stacks train: local, or ray (a Ray cluster; same results).")
+    ] = "local",
+    address: Annotated[
+        str, Opt(help="Ray cluster address (default: start or join one on this machine).")
+    ] = "",
 ) -> None:
     """Zhou et al.'s grid: mask criterion x reset x sparsity (one-shot), plus supermasks."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -228,6 +242,9 @@ def compare(
     where = {"model": model, "data": data, "seed": seed, "stack_size": stack_size, "out": out}
     where.update(eval_every=eval_every, lr=lr)
     validate(**where, **settings)
+    from .backends import get_backend
+
+    get_backend(backend, address)  # an unknown backend or a missing Ray: one line, before training
     bar = Progress(
         TextColumn("grid"),
         BarColumn(),
@@ -237,7 +254,13 @@ def compare(
     )
     with bar:
         task = bar.add_task("grid", total=total_steps(**settings))
-        grid = run_grid(progress=lambda n: bar.advance(task, n), **where, **settings)
+        grid = run_grid(
+            progress=lambda n: bar.advance(task, n),
+            backend=backend,
+            address=address,
+            **where,
+            **settings,
+        )
     console = Console()
     if not console.is_terminal:  # piped or captured: the table's full width, not 80 columns
         console = Console(width=160)

@@ -20,6 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from ..backends import get_backend
 from ..core.criteria import CRITERIA
 from ..core.resets import RESETS
 from ..errors import TicketlabError
@@ -68,10 +69,13 @@ class Config:
     checkpoint_every: int = 250
     tensorboard: bool = False
     report: bool = True
+    backend: str = "local"  # or "ray": stacks as tasks on a Ray cluster (same bits)
+    address: str = ""  # the Ray cluster's address ("" = start or join one on this machine)
 
     def identity(self) -> dict[str, Any]:
         """The fields that determine the results."""
         runtime = {"out", "stack_size", "batch", "checkpoint_every", "tensorboard", "report"}
+        runtime |= {"backend", "address"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime}
 
     def hash(self) -> str:
@@ -204,4 +208,5 @@ def validate(c: Config) -> None:
     need(c.tolerance_pp >= 0, f"tolerance_pp must be >= 0, got {c.tolerance_pp}")
     need(c.stack_size >= 0, f"stack_size must be >= 0, got {c.stack_size}")
     need(c.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {c.checkpoint_every}")
+    get_backend(c.backend, c.address)  # unknown, or Ray not installed: one line before any work
     need(bool(c.out) and "\0" not in c.out, f"out must be a folder path, got {c.out!r}")

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
+from ..backends import get_backend
 from ..core.criteria import get_criterion
 from ..core.mask import Mask, layer_kinds, prunable_names
 from ..core.pruning import prune_layerwise
@@ -166,6 +167,8 @@ def run_grid(
     stack_size: int | None = None,
     out: str | Path | None = None,
     progress: Progress | None = None,
+    backend: str = "local",
+    address: str = "",
 ) -> dict[str, Any]:
     """Run the grid; returns what ``grid.json`` holds and, with ``out``, writes it and ``grid.md``.
 
@@ -173,6 +176,8 @@ def run_grid(
     half of it). ``eval_every`` defaults to a tenth of ``steps``; ``supermask_steps`` to ``steps``;
     ``lr`` (of the weight training) to the model's preset (``config.PRESETS``).
     ``supermask_rescale``: Zhou's dynamic weight rescaling in the learned-supermask rows.
+    ``backend``/``address``: where the weight-training stacks run (``ticketlab.backends``); the
+    supermask rows train in this process.
     """
     criteria, resets = list(dict.fromkeys(criteria)), list(dict.fromkeys(resets))
     sparsities = sorted(dict.fromkeys(float(s) for s in sparsities))
@@ -206,6 +211,7 @@ def run_grid(
     fresh = [state(derive_seed(seed, "fresh", r)) for r in range(replicates)]
     data_seeds = [derive_seed(seed, "data", r) for r in range(replicates)]
     size = stack_size or None
+    runner = get_backend(backend, address)
 
     # 1. the dense networks, one stack
     dense = train(
@@ -215,13 +221,16 @@ def run_grid(
         spec,
         stack_size=size,
         progress=progress,
+        backend=runner,
     )
 
     # 2-4. one-shot masks, resets, and every pruned network trained in stacks
     cells, jobs = _one_shot_jobs(
         template, inits, fresh, dense, data_seeds, criteria, resets, sparsities, seed
     )
-    results = train(template, jobs, dataset, spec, stack_size=size, progress=progress)
+    results = train(
+        template, jobs, dataset, spec, stack_size=size, progress=progress, backend=runner
+    )
     for i, cell in enumerate(cells):
         cell.update(_aggregate(results[i * replicates : (i + 1) * replicates]))
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
 
+from ..backends import Backend, get_backend
 from ..core.criteria import get_criterion
 from ..core.mask import Mask, layer_kinds, prunable_names
 from ..core.pruning import prune, random_mask_like
@@ -64,6 +66,11 @@ class Setup:
 
     def stack_size(self) -> int | None:
         return (self.config.stack_size or None) if self.config.batch else 1
+
+    @cached_property
+    def backend(self) -> Backend | None:
+        """One per run, so a Ray backend connects once and keeps its relay queue."""
+        return get_backend(self.config.backend, self.config.address)
 
 
 def run_imp(setup: Setup, progress: Progress | None = None) -> list[dict]:
@@ -169,6 +176,7 @@ def train_level(
         progress=progress,
         checkpointers=checkpointers,
         plan=setup.plan,
+        backend=setup.backend,
     )
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backends import Backend
 from ..core.mask import Mask
 from ..zoo.data import Dataset
 from .sparse_linear import SPARSE_BELOW
@@ -162,6 +163,7 @@ def train(
     lanes: int | None = None,
     sparse_below: float = SPARSE_BELOW,
     plan: StackPlan | None = None,
+    backend: Backend | None = None,
 ) -> list[Result]:
     """Train every job; ``stack_size`` networks at a time (default: as many as the architecture
     allows, up to 16, spread over the CPU cores). ``stack_size=1`` is the one-by-one path.
@@ -180,6 +182,9 @@ def train(
     once (default: torch's intra-op thread count; 1 = one after another).
 
     ``plan``: how the networks of a stack run together (default: ``plan_stack`` on this data).
+
+    ``backend`` (see ``ticketlab.backends``): where the stacks train, e.g. as Ray tasks; each stack
+    gets the thread count it would get here, so the results are the same bits.
     """
     data = data.to(getattr(torch, spec.dtype))
     plan = plan or plan_stack(template, data.x_train)
@@ -195,7 +200,20 @@ def train(
         )
 
     parallel = _lane_count(template, plan, len(chunks), lanes)
-    if parallel > 1:
+    if backend is not None:
+        shared = {
+            "template": template,
+            "data": data,
+            "spec": spec,
+            "sparse_below": sparse_below,
+            "plan": plan,
+        }
+        threads = 1 if parallel > 1 else torch.get_num_threads()
+        stacks = backend.run_stacks(
+            train_stack, shared, chunks, checkpointers or [], progress, threads
+        )
+        trained = [r for stack in stacks for r in stack]
+    elif parallel > 1:
         trained = _train_in_lanes(run_chunk, len(chunks), parallel, progress)
     else:
         trained = [r for c in range(len(chunks)) for r in run_chunk(c, progress)]
