@@ -17,10 +17,10 @@ from torch import nn
 from ticketlab.core.mask import Mask, prunable_names
 from ticketlab.train import stacked, trainer
 from ticketlab.train.stacked import (
-    NotStackable,
-    SequentialStack,
     LoopStack,
+    NotStackable,
     RowStack,
+    SequentialStack,
     VmapStack,
     canonical_states,
     max_stack_size,

@@ -24,9 +24,7 @@ from ticketlab.train.stacked import plan_stack
 
 def named_sequential() -> nn.Module:
     return nn.Sequential(
-        OrderedDict(
-            flat=nn.Flatten(), fc1=nn.Linear(64, 32), act=nn.ReLU(), out=nn.Linear(32, 10)
-        )
+        OrderedDict(flat=nn.Flatten(), fc1=nn.Linear(64, 32), act=nn.ReLU(), out=nn.Linear(32, 10))
     )
 
 
