@@ -32,6 +32,12 @@ Then Conv-2 on 3x32x32 inputs at batch 60: network-steps/s for one network and f
 with the stacked convolutions done both ways (one grouped convolution, or a loop of per-network
 convolutions), and the FLOP bound that the machine's peak puts on steps/s.
 
+Then ResNet-20 (BatchNorm) on 3x32x32 at batch 128, SGD with momentum and the CIFAR augmentation:
+images/s of one network and of K=4 side by side through ``train``, and, as bounds, the forward and
+backward alone (no optimizer, mask or data) of one network, of K=4 as one network with grouped
+convolutions (``groups=K``; BatchNorm over K*C channels is K independent BatchNorms) and of K=4 on
+one-thread lanes; each in fp32 and under bf16 autocast. ``--resnet20`` runs this section alone.
+
 On a shared machine, run it at a higher priority (``nice -n -10``) or the figures measure the
 neighbours: single-stack runs, whose every operation waits for both threads, suffer most.
 """
@@ -297,12 +303,17 @@ def conv2_flops_per_sample(shape: tuple[int, ...]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter windows (a smoke test)")
+    parser.add_argument("--resnet20", action="store_true", help="only the ResNet-20 section")
     args = parser.parse_args()
     windows, s = (2, 4) if args.quick else (3, 1)
     started = time.perf_counter()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {load()}")
     peak = matmul_peak(1.0 if args.quick else 3.0)
     print(f"fp32 matmul peak (2048^3 sgemm, best of repeats): {peak:.1f} GFLOP/s\n", flush=True)
+    if args.resnet20:
+        resnet20_section(peak, args.quick)
+        print(f"{load()}; total {time.perf_counter() - started:.0f} s")
+        return
 
     data = random_data((1, 28, 28), N_TRAIN)
     lenet = build_model("lenet_300_100", (1, 28, 28), 10, seed=0)
@@ -376,7 +387,8 @@ def main() -> None:
             flush=True,
         )
     stacked.SequentialStack.conv_mode = default_mode
-    print(f"  (stacked convolutions run as: {default_mode!r}, the faster here)")
+    print(f"  (stacked convolutions run as: {default_mode!r}, the faster here)\n")
+    resnet20_section(peak, args.quick)
     again = matmul_peak(1.0 if args.quick else 3.0)
     best = max(peak, again)
     print(
@@ -386,6 +398,216 @@ def main() -> None:
         + ", ".join(f"{key} {rates[key] * flops_per_sample / 1e9 / best:.0%}" for key in rates)
     )
     print(f"{load()}; total {time.perf_counter() - started:.0f} s")
+
+
+# --------------------------------------------------------------------------------------------
+# ResNet-20 with BatchNorm
+
+
+RESNET_BATCH = 128
+RESNET_K = 4
+
+
+def conv_macs(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass of one sample (conv and linear layers)."""
+    total = 0
+
+    def count(module: torch.nn.Module, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, torch.nn.Conv2d):
+            per_position = module.in_channels // module.groups * module.kernel_size[0] ** 2
+            total += output[0].numel() * per_position
+        elif isinstance(module, torch.nn.Linear):
+            total += module.in_features * module.out_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, *shape))
+    model.train()
+    for h in hooks:
+        h.remove()
+    return total
+
+
+def bf16_matmul_peak(seconds: float) -> float:
+    n = 2048
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    torch.mm(a, b)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        for _ in range(3):
+            torch.mm(a, b)
+        best = max(best, 3 * 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def grouped_resnet20(k: int) -> torch.nn.Module:
+    """K ResNet-20s as one network: every conv has ``groups=K`` and K times the channels, every
+    BatchNorm K*C channels (exactly K independent BatchNorms), the output layer a grouped 1x1 conv.
+    Input [B, K*3, H, W]: network k's batch in channel group k. Used only as a bound here."""
+    from torch import nn
+
+    def conv(c_in: int, c_out: int, size: int, stride: int) -> nn.Conv2d:
+        pad = size // 2
+        return nn.Conv2d(k * c_in, k * c_out, size, stride, pad, bias=False, groups=k)
+
+    class Block(nn.Module):
+        def __init__(self, c_in: int, c_out: int, stride: int):
+            super().__init__()
+            self.a, self.bn_a = conv(c_in, c_out, 3, stride), nn.BatchNorm2d(k * c_out)
+            self.b, self.bn_b = conv(c_out, c_out, 3, 1), nn.BatchNorm2d(k * c_out)
+            self.short = (
+                nn.Sequential(conv(c_in, c_out, 1, stride), nn.BatchNorm2d(k * c_out))
+                if stride != 1 or c_in != c_out
+                else nn.Identity()
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.relu(self.bn_a(self.a(x)))
+            return torch.relu(self.bn_b(self.b(out)) + self.short(x))
+
+    layers: list[nn.Module] = [conv(3, 16, 3, 1), nn.BatchNorm2d(k * 16), nn.ReLU()]
+    current = 16
+    for stage, width in enumerate((16, 32, 64)):
+        for b in range(3):
+            layers.append(Block(current, width, 2 if stage and not b else 1))
+            current = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Conv2d(k * 64, k * 10, 1, groups=k), nn.Flatten()]
+    return nn.Sequential(*layers)
+
+
+def forward_backward_rate(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, bf16: bool, seconds: float
+) -> float:
+    """Images/s (network-samples) of forward + loss + backward alone, best of short windows."""
+    model.train()
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().reshape(-1, 10), y)
+        for p in model.parameters():
+            p.grad = None
+        loss.backward()
+
+    step()
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        step()
+        best = max(best, k * RESNET_BATCH / (time.perf_counter() - t))
+    return best
+
+
+def lanes_rate(k: int, bf16: bool, seconds: float) -> float:
+    """K separate ResNet-20s, K/2 per lane on 2 one-thread lanes (as ``train`` runs lanes)."""
+    threads_before = torch.get_num_threads()
+
+    def lane(i: int) -> float:
+        torch.set_num_threads(1)
+        rates = []
+        for j in range(k // 2):
+            model = build_model("resnet20", (3, 32, 32), 10, seed=2 * j + i)
+            x = torch.randn(RESNET_BATCH, 3, 32, 32)
+            y = torch.randint(0, 10, (RESNET_BATCH,))
+            rates.append(forward_backward_rate(model, x, y, 1, bf16, seconds / (k // 2)))
+        return 1 / sum(1 / r for r in rates)  # the lane trains its networks in turn
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        total = sum(pool.map(lane, range(2)))
+    torch.set_num_threads(threads_before)
+    return total * (k // 2)
+
+
+def trainer_rate(k: int, stack_size: int | None, lanes: int | None, steps: int) -> float:
+    """Images/s of ``train`` on K ResNet-20s (SGD + momentum, crops and flips), timed between the
+    first and the last step's progress callback."""
+    data = random_data((3, 32, 32), 2 * RESNET_BATCH, seed=1)
+    template = build_model("resnet20", (3, 32, 32), 10, seed=0)
+    names = prunable_names(template, exclude=["fc"])
+    jobs = []
+    for i in range(k):
+        init = build_model("resnet20", (3, 32, 32), 10, seed=i).state_dict()
+        jobs.append(Job(init, Mask.ones_like({n: init[n] for n in names}), data_seed=i))
+    spec = TrainSpec(
+        steps=steps, batch_size=RESNET_BATCH, optimizer="sgd", lr=0.1, weight_decay=1e-4,
+        eval_every=10 * steps, augment="crop_flip",
+    )  # fmt: skip
+    marks: list[tuple[float, int]] = []
+    train(
+        template,
+        jobs,
+        data,
+        spec,
+        stack_size=stack_size,
+        lanes=lanes,
+        progress=lambda n: marks.append((time.perf_counter(), n)),
+    )
+    done = sum(n for _, n in marks[1:])
+    return RESNET_BATCH * done / (marks[-1][0] - marks[0][0])
+
+
+def resnet20_section(peak: float, quick: bool) -> None:
+    k = RESNET_K
+    seconds = 4.0 if quick else 12.0
+    steps = 3 if quick else 8
+    model = build_model("resnet20", (3, 32, 32), 10, seed=0)
+    flops = 6.0 * conv_macs(model, (3, 32, 32))  # training: forward + two backward products
+    peak16 = bf16_matmul_peak(1.0)
+    print(
+        f"ResNet-20 ({dense_weights(model):,} weights, {flops / 3e6:.0f} MFLOP forward, "
+        f"{flops / 1e6:.0f} MFLOP a training image), batch {RESNET_BATCH}, 3x32x32; K={k}. "
+        f"Peaks: fp32 {peak:.0f}, bf16 {peak16:.0f} GFLOP/s. Images/s = network-samples/s:"
+    )
+
+    def row(label: str, rate: float, base: float | None, bf16: bool = False) -> None:
+        gflops = rate * flops / 1e9
+        ratio = f"{rate / base:5.2f}x one network" if base else ""
+        top = peak16 if bf16 else peak
+        print(
+            f"  {label:58s} {rate:7.1f} images/s {gflops:6.1f} GFLOP/s "
+            f"({gflops / top:4.0%} of peak) {ratio}",
+            flush=True,
+        )
+
+    one = trainer_rate(1, 1, 1, steps)
+    row("train: 1 network", one, None)
+    row(f"train: K={k} one at a time (stack_size=1, lanes=1)", trainer_rate(k, 1, 1, steps), one)
+    layout = chunk_layout(model, k, None)
+    row(f"train: K={k}, auto ({layout})", trainer_rate(k, None, None, steps), one)
+    x1 = torch.randn(RESNET_BATCH, 3, 32, 32)
+    y1 = torch.randint(0, 10, (RESNET_BATCH,))
+    xk = torch.randn(RESNET_BATCH, k * 3, 32, 32)
+    yk = torch.randint(0, 10, (RESNET_BATCH * k,))
+    for bf16 in (False, True):
+        tag = "bf16 autocast" if bf16 else "fp32"
+        single = forward_backward_rate(model, x1, y1, 1, bf16, seconds)
+        row(f"bound, {tag}: forward+backward of 1 network", single, None, bf16)
+        grouped = grouped_resnet20(k)
+        # [B, K*10] logits -> [K*B] rows in network order, as the trainer's loss sees them
+        wrapped = torch.nn.Sequential(grouped, Unstack(k))
+        row(
+            f"bound, {tag}: K={k} as one network, groups={k}",
+            forward_backward_rate(wrapped, xk, yk, k, bf16, seconds),
+            single,
+            bf16,
+        )
+        row(
+            f"bound, {tag}: K={k} on 2 one-thread lanes", lanes_rate(k, bf16, seconds), single, bf16
+        )
+    print()
+
+
+class Unstack(torch.nn.Module):
+    """[B, K*C] grouped logits -> [K, B, C] (network-major), for the loss of K networks."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], self.k, -1).transpose(0, 1)
 
 
 def chunk_layout(template: torch.nn.Module, n_jobs: int, stack_size: int | None) -> str:

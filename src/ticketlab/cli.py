@@ -38,11 +38,24 @@ def find(
     levels: Annotated[int | None, Opt(help="Pruning rounds after the dense level.")] = None,
     replicates: Annotated[int | None, Opt(help="Independent repetitions (seeds).")] = None,
     seed: Annotated[int | None, Opt(help="Base seed of inits, data orders and controls.")] = None,
-    steps: Annotated[int | None, Opt(help="Training iterations per network and level.")] = None,
+    steps: Annotated[
+        str | None, Opt(help="Training iterations per network and level (or epochs: 160ep).")
+    ] = None,
     batch_size: Annotated[int | None, Opt(help="Minibatch size.")] = None,
     optimizer: Annotated[str | None, Opt(help="adam or sgd.")] = None,
     lr: Annotated[float | None, Opt(help="Learning rate.")] = None,
-    eval_every: Annotated[int | None, Opt(help="Evaluate every N iterations.")] = None,
+    milestones: Annotated[
+        str | None, Opt(help="Steps (or epochs: 80ep,120ep) where the learning rate drops.")
+    ] = None,
+    warmup_steps: Annotated[
+        str | None, Opt(help="Linear learning-rate warmup, steps (or epochs: 5ep).")
+    ] = None,
+    augment: Annotated[
+        str | None, Opt(help="Image augmentation: none, crop, flip or crop_flip.")
+    ] = None,
+    eval_every: Annotated[
+        str | None, Opt(help="Evaluate every N iterations (or epochs: 1ep).")
+    ] = None,
     val_fraction: Annotated[float | None, Opt(help="Training fraction held out.")] = None,
     fc_rate: Annotated[float | None, Opt(help="Fraction of fc weights pruned per round.")] = None,
     conv_rate: Annotated[float | None, Opt(help="Fraction of conv weights per round.")] = None,
@@ -86,11 +99,14 @@ def find(
         "levels": levels,
         "replicates": replicates,
         "seed": seed,
-        "steps": steps,
+        "steps": _count(steps),
         "batch_size": batch_size,
         "optimizer": optimizer,
         "lr": lr,
-        "eval_every": eval_every,
+        "milestones": None if milestones is None else _counts(milestones),
+        "warmup_steps": _count(warmup_steps),
+        "augment": augment,
+        "eval_every": _count(eval_every),
         "val_fraction": val_fraction,
         "fc_rate": fc_rate,
         "conv_rate": conv_rate,
@@ -121,6 +137,18 @@ def find(
     print_result(search, console)
     if config.report:
         console.print(f"Report: {search.run_dir / 'report' / 'index.html'}")
+
+
+def _count(value: str | None) -> int | str | None:
+    """A flag's iteration count: an integer is steps; anything else ('160ep') goes to the config
+    as text, which converts epochs or names the accepted forms."""
+    if value is None:
+        return None
+    return int(value) if value.strip().isdigit() else value.strip()
+
+
+def _counts(value: str) -> list[int | str]:
+    return [c for c in (_count(v) for v in value.split(",") if v.strip()) if c is not None]
 
 
 @app.command()

@@ -135,7 +135,13 @@ class _SparseLinear(nn.Module):
 def _speed(
     model: nn.Module, pruned: list[str], input_shape: tuple[int, ...]
 ) -> tuple[float, float]:
-    """Median ms per batch of 256 for the dense model and one with sparse (CSR) Linear layers."""
+    """Median ms per batch of 256 for the dense model and one with sparse (CSR) Linear layers
+    (an ``nn.Sequential``'s; other modules, such as the ResNets, are timed as they are)."""
+    model.eval()  # BatchNorm: inference uses the running statistics
+    if not isinstance(model, nn.Sequential):
+        x = torch.randn(256, *input_shape)
+        dense_ms = _median_ms(model, x)
+        return dense_ms, dense_ms
     sparse = nn.Sequential(
         *[
             _SparseLinear(layer)

@@ -20,4 +20,5 @@ def train_spec(c: Config) -> TrainSpec:
         gamma=c.gamma,
         warmup_steps=c.warmup_steps,
         dtype=c.dtype,
+        augment=c.augment,
     )

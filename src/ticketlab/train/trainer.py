@@ -30,7 +30,9 @@ from torch import nn
 
 from ..backends import Backend
 from ..core.mask import Mask
+from ..errors import TicketlabError
 from ..zoo.data import Dataset
+from . import augment as augmentation
 from .sparse_linear import SPARSE_BELOW
 from .stacked import (
     Stack,
@@ -62,6 +64,7 @@ class TrainSpec:
     warmup_steps: int = 0
     dtype: str = "float32"
     cosine: bool = False  # decay to 0 along a half cosine over ``steps`` (edge-popup's schedule)
+    augment: str = "none"  # random crops / flips of training images, see ``augment.py``
 
     def lr_factor(self, step: int) -> float:
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
@@ -363,7 +366,7 @@ def _train_loop(
 ) -> None:
     """The hot loop: everything not needed every step is hoisted out of it."""
     k = stack.size
-    batches = Batches(data, [j.data_seed for j in jobs], spec.batch_size)
+    batches = Batches(data, [j.data_seed for j in jobs], spec.batch_size, spec.augment)
     eval_at = set(spec.eval_steps())
     snapshot_at: dict[int, list[int]] = {}
     for i, job in enumerate(jobs):
@@ -412,10 +415,12 @@ class Batches:
     """Each network's minibatch for a step, gathered with one ``index_select`` into reused buffers.
 
     Network ``i`` sees ``epoch_permutation(seed_i, epoch)`` in order; ``x`` comes back as
-    ``[K, B, *input_shape]`` and ``y`` flat as ``[K*B]``.
+    ``[K, B, *input_shape]`` and ``y`` flat as ``[K*B]``. With ``augment`` (images only), each
+    network's images are cropped and flipped as ``augment.draw(seed_i, epoch)`` says, the whole
+    ``[K*B]`` batch in one go.
     """
 
-    def __init__(self, data: Dataset, seeds: list[int], batch: int):
+    def __init__(self, data: Dataset, seeds: list[int], batch: int, augment: str = "none"):
         self.n = data.x_train.shape[0]
         self.x = data.x_train.reshape(self.n, -1)
         self.y = data.y_train
@@ -427,19 +432,39 @@ class Batches:
         rows = len(seeds) * min(batch, self.n)
         self.x_out = torch.empty(rows, self.x.shape[1], dtype=self.x.dtype)
         self.y_out = torch.empty(rows, dtype=self.y.dtype)
+        self.augment = augment if augment != "none" else None
+        if self.augment is not None:
+            if len(self.shape) != 3:
+                raise TicketlabError(
+                    f"augment={augment!r} needs images (channels, height, width); "
+                    f"{data.name} has inputs of shape {self.shape}"
+                )
+            self.fill = augmentation.black_level(data.x_train)
+            self.draws: list[augmentation.Draw] = []
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, position = divmod(step, self.per_epoch)
         if epoch != self.epoch:
             self.perms = torch.stack([epoch_permutation(s, epoch, self.n) for s in self.seeds])
             self.epoch = epoch
-        idx = self.perms[:, position * self.batch : (position + 1) * self.batch].reshape(-1)
+            if self.augment is not None:
+                self.draws = [augmentation.draw(self.augment, s, epoch, self.n) for s in self.seeds]
+        window = slice(position * self.batch, (position + 1) * self.batch)
+        idx = self.perms[:, window].reshape(-1)
         if idx.numel() == self.y_out.numel():
             torch.index_select(self.x, 0, idx, out=self.x_out)
             torch.index_select(self.y, 0, idx, out=self.y_out)
             x, y = self.x_out, self.y_out
         else:
             x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
+        if self.augment is not None:
+            x = augmentation.apply(
+                x.view(-1, *self.shape),
+                torch.cat([d.dy[window] for d in self.draws]),
+                torch.cat([d.dx[window] for d in self.draws]),
+                torch.cat([d.flip[window] for d in self.draws]),
+                self.fill,
+            )
         return x.view(len(self.seeds), -1, *self.shape), y
 
 

