@@ -123,6 +123,12 @@ def test_rewind_restores_the_step_k_weights_on_survivors(tiny_settings):
         keep = masks[0][name]
         assert torch.equal(ticket.init[name][keep], rewind[0][name][keep])
         assert (ticket.init[name][~keep] == 0).all()
+    # late rewinding: every network of the pruned level (controls too) trains from step 7 to T
+    assert all(job.start_step == 7 for _, _, job in jobs)
+    level1 = search.levels[1]["networks"]
+    assert {n["curve"]["iteration"][0] for n in level1} == {7.0}
+    assert {n["curve"]["iteration"][-1] for n in level1} == {float(config.steps)}
+    assert search.levels[0]["networks"][0]["curve"]["iteration"][0] == 0.0
 
 
 def test_controls_use_a_fresh_init_and_a_random_mask_of_equal_sparsity(tiny_settings):

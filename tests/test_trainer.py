@@ -420,3 +420,87 @@ def test_a_failing_stack_stops_the_others(digits):
             template, [jobs[0], broken], digits, spec(steps=20_000), progress=ticks.append, lanes=2
         )
     assert sum(ticks) < 10_000  # the healthy stack stopped long before its 20,000 steps
+
+
+def test_late_rewinding_positions_schedule_and_data_at_step_k(digits, monkeypatch):
+    """A job with ``start_step=k`` trains steps k..T-1: the learning rate of step s is the
+    schedule's at s (warmup and milestones are not restarted), the batch of step s is its data
+    seed's batch of step s, and it equals a plain PyTorch loop written here."""
+    template, jobs = make_jobs("lenet_300_100", digits, n=1)
+    job = Job(jobs[0].init, jobs[0].mask, data_seed=11, start_step=13)
+    s = spec(steps=30, optimizer="sgd", lr=0.05, warmup_steps=16, milestones=(20, 25), gamma=0.5)
+    seen_lr: list[float] = []
+    real = trainer.make_optimizer
+
+    def recording(params, spec_):
+        opt = real(params, spec_)
+        step = opt.step
+        opt.step = lambda: (seen_lr.append(opt.param_groups[0]["lr"]), step())[1]
+        return opt
+
+    monkeypatch.setattr(trainer, "make_optimizer", recording)
+    (res,) = train(template, [job], digits, s)
+    # by hand: warmup (s+1)/16 up to step 15, then 1; x0.5 from step 20, x0.25 from step 25
+    expected = [0.05 * (st + 1) / 16 for st in range(13, 16)]
+    expected += [0.05] * 4 + [0.025] * 5 + [0.0125] * 5
+    assert seen_lr == pytest.approx(expected, rel=1e-15, abs=0)
+    assert res.curve["iteration"] == [13.0, 20.0, 30.0]
+
+    # the reference: steps 13..29, batch of step st = epoch_permutation(seed, st // 8) slice
+    net = copy.deepcopy(template).double()
+    net.load_state_dict({n: t.double() for n, t in job.init.items()})
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if n in job.mask:
+                p.mul_(job.mask[n])
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    x, y = digits.x_train.double(), digits.y_train
+    for st in range(13, 30):
+        perm = trainer.epoch_permutation(11, st // 8, 128)[(st % 8) * 16 : (st % 8 + 1) * 16]
+        for group in opt.param_groups:
+            group["lr"] = expected[st - 13]
+        opt.zero_grad()
+        F.cross_entropy(net(x[perm]), y[perm]).backward()
+        opt.step()
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                if n in job.mask:
+                    p.mul_(job.mask[n])
+    for n, t in net.state_dict().items():
+        torch.testing.assert_close(res.final[n], t, rtol=0, atol=TOL)
+
+
+def test_late_rewinding_resume_is_bit_identical(digits):
+    template, jobs = make_jobs("lenet_300_100", digits, n=3, start_step=5)
+    s = spec(steps=20, dtype="float32", warmup_steps=8, milestones=(12,))
+    first = MemoryCheckpointer(every=6)
+    full = train_stack(template, jobs, digits, s, checkpointer=first)
+    assert [state["step"] for state in first.saved] == [6, 12, 18]
+    for saved in first.saved:
+        resumed = train_stack(template, jobs, digits, s, checkpointer=MemoryCheckpointer(6, saved))
+        for a, b in zip(full, resumed, strict=True):
+            assert_identical(a, b)
+    # a checkpoint of another start step is not resumed from: the stack trains from its start
+    other = [Job(j.init, j.mask, j.data_seed, start_step=0) for j in jobs]
+    fresh = train_stack(
+        template, other, digits, s, checkpointer=MemoryCheckpointer(6, first.saved[0])
+    )
+    plain = train_stack(template, other, digits, s)
+    for a, b in zip(fresh, plain, strict=True):
+        assert_identical(a, b)
+
+
+def test_jobs_of_different_start_steps_train_in_separate_stacks(digits):
+    template, base = make_jobs("lenet_300_100", digits, n=4)
+    jobs = [
+        Job(j.init, j.mask, j.data_seed, start_step=k)
+        for j, k in zip(base, (0, 9, 0, 9), strict=True)
+    ]
+    s = spec(steps=20)
+    together = train(template, jobs, digits, s, stack_size=4)
+    alone = [train(template, [j], digits, s)[0] for j in jobs]
+    for a, b in zip(together, alone, strict=True):
+        assert_close(a, b)
+    assert chunk_count(template, 4, 4, start_steps=[0, 9, 0, 9]) == 2
+    with pytest.raises(ValueError, match="start_step"):
+        train(template, [Job(base[0].init, base[0].mask, 0, start_step=20)], digits, s)

@@ -82,6 +82,10 @@ class Config:
         identity = {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime}
         if self.augment == "none":  # absent before augmentation existed: old folders still resume
             del identity["augment"]
+        if self.rewind_step:
+            # Pruned levels train from step k to T with the schedule at step k (late rewinding);
+            # folders written when they restarted the schedule at 0 must not resume as this.
+            identity["late_rewinding"] = 1
         return identity
 
     def hash(self) -> str:

@@ -84,7 +84,7 @@ def run_imp(setup: Setup, progress: Progress | None = None) -> list[dict]:
             load_masks(store, level, c)  # verified (checksum, owner); the loop recomputes them
             remove_checkpoints(store, level)  # left if a run was killed just after metrics.json
             if progress:
-                progress(level_size(c, level) * c.steps)
+                progress(level_size(c, level) * level_steps(c, level))
         else:
             rewind = load_rewind(store, c) if level else None
             jobs = branch_jobs(setup, level, masks, rewind)
@@ -150,14 +150,20 @@ def _make_job(
     init = dict(rewind)
     for name in mask.names():
         init[name] = reset(rewind[name], fresh[name], mask[name], g)
-    return Job(init, mask, data_seed)
+    return Job(init, mask, data_seed, start_step=c.rewind_step)
+
+
+def level_steps(c: Config, level: int) -> int:
+    """Steps each network of a level trains: the pruned levels go from the rewind step to the end
+    (late rewinding: the schedule and data order continue from step k, they do not restart)."""
+    return c.steps - (c.rewind_step if level else 0)
 
 
 def train_level(
     setup: Setup, level: int, jobs: list[Job], progress: Progress | None
 ) -> list[Result]:
     size = setup.stack_size()
-    chunks = chunk_count(setup.template, len(jobs), size)
+    chunks = chunk_count(setup.template, len(jobs), size, start_steps=[j.start_step for j in jobs])
     checkpointers = [
         StoreCheckpointer(
             setup.store,
@@ -254,4 +260,4 @@ def remove_checkpoints(store: RunStore, level: int) -> None:
 
 
 def total_steps(c: Config) -> int:
-    return c.steps * sum(level_size(c, level) for level in range(c.levels + 1))
+    return sum(level_steps(c, level) * level_size(c, level) for level in range(c.levels + 1))

@@ -83,6 +83,10 @@ class Job:
     mask: Mask
     data_seed: int
     snapshot_step: int | None = None
+    # Late rewinding (Frankle et al. 2020, arXiv 1912.05671): the network trains from this step to
+    # ``spec.steps`` with the learning-rate schedule and its data order positioned at this step,
+    # exactly as if it had been training since step 0 (a fresh optimizer state, as in OpenLTH).
+    start_step: int = 0
 
 
 @dataclass
@@ -128,6 +132,7 @@ class _Run:
     """Mutable state of one stack's training, exactly what a checkpoint must hold."""
 
     step: int = 0
+    start: int = 0  # the step training began at (late rewinding), see Job.start_step
     curve: dict[str, list[list[float]]] = field(default_factory=dict)
     snapshots: dict[int, State] = field(default_factory=dict)
     diverged_at: list[int | None] = field(default_factory=list)
@@ -173,11 +178,12 @@ def train(
     Linear weights whose masks keep less than ``sparse_below`` train as sparse matrices of their
     survivors (0: always dense; see ``sparse_linear``).
 
-    The jobs, ordered by mask density (a stable sort: jobs of equal density, like the branches of
-    an IMP level, keep their order), are cut into ``chunk_count`` stacks of near-equal size
-    (``checkpointers[c]`` belongs to stack ``c`` of that order); results come back in the order of
-    ``jobs``. Stacking similar densities together lets the sparse networks of a sweep train on the
-    sparse path, which a stack takes only when all its networks are sparse.
+    The jobs, ordered by start step and then by mask density (a stable sort: jobs of equal
+    density, like the branches of an IMP level, keep their order), are cut into ``chunk_count``
+    stacks of near-equal size, never mixing start steps (``checkpointers[c]`` belongs to stack
+    ``c`` of that order); results come back in the order of ``jobs``. Stacking similar densities
+    together lets the sparse networks of a sweep train on the sparse path, which a stack takes
+    only when all its networks are sparse.
 
     With several stacks and several CPU threads, the stacks train side by side, one thread each:
     on a small CPU that beats one stack whose every operation is split over the threads, and it
@@ -191,9 +197,10 @@ def train(
     """
     data = data.to(getattr(torch, spec.dtype))
     plan = plan or plan_stack(template, data.x_train)
-    order = sorted(range(len(jobs)), key=lambda i: jobs[i].mask.density())
+    _check_starts(jobs, spec)
+    order = sorted(range(len(jobs)), key=lambda i: (jobs[i].start_step, jobs[i].mask.density()))
     by_density = [jobs[i] for i in order]
-    bounds = _chunk_bounds(template, len(jobs), stack_size, lanes)
+    bounds = _group_bounds(template, [j.start_step for j in by_density], stack_size, lanes)
     chunks = [by_density[a:b] for a, b in bounds]
 
     def run_chunk(c: int, chunk_progress: Progress | None) -> list[Result]:
@@ -225,10 +232,48 @@ def train(
 
 
 def chunk_count(
-    template: nn.Module, n_jobs: int, stack_size: int | None, lanes: int | None = None
+    template: nn.Module,
+    n_jobs: int,
+    stack_size: int | None,
+    lanes: int | None = None,
+    start_steps: Sequence[int] | None = None,
 ) -> int:
-    """How many stacks ``train`` cuts ``n_jobs`` jobs into (one checkpointer each)."""
-    return len(_chunk_bounds(template, n_jobs, stack_size, lanes))
+    """How many stacks ``train`` cuts ``n_jobs`` jobs into (one checkpointer each);
+    ``start_steps``: the jobs' start steps when they differ (one stack never mixes them)."""
+    starts = sorted(start_steps) if start_steps is not None else [0] * n_jobs
+    return len(_group_bounds(template, starts, stack_size, lanes))
+
+
+def _check_starts(jobs: Sequence[Job], spec: TrainSpec) -> None:
+    for job in jobs:
+        if not 0 <= job.start_step < spec.steps:
+            raise ValueError(f"start_step must be in [0, {spec.steps}), got {job.start_step}")
+        if job.snapshot_step is not None and not (
+            job.start_step <= job.snapshot_step <= spec.steps
+        ):
+            raise ValueError(
+                f"snapshot_step {job.snapshot_step} is outside [{job.start_step}, {spec.steps}]"
+            )
+
+
+def _group_bounds(
+    template: nn.Module, starts: Sequence[int], stack_size: int | None, lanes: int | None
+) -> list[tuple[int, int]]:
+    """Stacks of jobs sorted by start step: one start step cut as ``_chunk_bounds`` does, several
+    cut each on its own (they train different step ranges, so they cannot share a stack)."""
+    groups: list[tuple[int, int]] = []
+    for i, s in enumerate(starts):
+        if groups and starts[groups[-1][0]] == s:
+            groups[-1] = (groups[-1][0], i + 1)
+        else:
+            groups.append((i, i + 1))
+    if len(groups) <= 1:
+        return _chunk_bounds(template, len(starts), stack_size, lanes)
+    return [
+        (a + x, a + y)
+        for a, b in groups
+        for x, y in _chunk_bounds(template, b - a, stack_size, lanes=1)
+    ]
 
 
 def _lanes_available(lanes: int | None) -> int:
@@ -333,6 +378,9 @@ def train_stack(
     seeds = [_rng_seed(j) for j in jobs]
     stack = build_stack(plan, template, [j.init for j in jobs], dtype, seeds)
     k = stack.size
+    start = jobs[0].start_step
+    if any(j.start_step != start for j in jobs):
+        raise ValueError("the jobs of one stack must share their start step")
     masks = _working_masks(stack, jobs, dtype)
     _apply_masks(stack, masks)
     sparse = stack.sparsify(
@@ -340,11 +388,16 @@ def train_stack(
     )
     masks = {n: m for n, m in masks.items() if n not in sparse}
     optimizer = make_optimizer(list(stack.params.values()), spec)
-    run = _Run(diverged_at=[None] * k, loss_sum=torch.zeros(k, dtype=torch.float64))
+    run = _Run(
+        step=start,
+        start=start,
+        diverged_at=[None] * k,
+        loss_sum=torch.zeros(k, dtype=torch.float64),
+    )
     run.curve = {key: [[] for _ in range(k)] for key in _CURVE_KEYS}
 
     saved = checkpointer.load() if checkpointer else None
-    if saved is not None and not _fits(stack, saved):
+    if saved is not None and not _fits(stack, saved, start):
         saved = None  # written for another layout (dense vs sparse): retrain, same bits
     if saved is not None:
         _restore(stack, optimizer, run, saved)
@@ -367,7 +420,8 @@ def _train_loop(
     """The hot loop: everything not needed every step is hoisted out of it."""
     k = stack.size
     batches = Batches(data, [j.data_seed for j in jobs], spec.batch_size, spec.augment)
-    eval_at = set(spec.eval_steps())
+    start = jobs[0].start_step
+    eval_at = {start, *(s for s in spec.eval_steps() if s > start)}
     snapshot_at: dict[int, list[int]] = {}
     for i, job in enumerate(jobs):
         if job.snapshot_step is not None:
@@ -380,7 +434,7 @@ def _train_loop(
     for step in range(run.step, spec.steps + 1):
         run.step = step
         # saved before this step's snapshot and evaluation, so a resume at ``step`` redoes both
-        if every and step and step % every == 0 and resumed_at != step:
+        if every and step > start and step % every == 0 and resumed_at != step:
             checkpointer.save(_checkpoint(stack, optimizer, run))
         if step in snapshot_at:
             for i in snapshot_at[step]:
@@ -597,6 +651,7 @@ def _checkpoint(stack: Stack, optimizer: torch.optim.Optimizer, run: _Run) -> di
     _flush_losses(run)
     return {
         "step": run.step,
+        "start_step": run.start,
         "params": {n: p.detach().clone() for n, p in stack.params.items()},
         "buffers": {n: b.clone() for n, b in stack.stacked_buffers().items()},
         "optimizer": copy.deepcopy(optimizer.state_dict()),
@@ -611,12 +666,14 @@ def _checkpoint(stack: Stack, optimizer: torch.optim.Optimizer, run: _Run) -> di
     }
 
 
-def _fits(stack: Stack, saved: dict[str, Any]) -> bool:
+def _fits(stack: Stack, saved: dict[str, Any], start: int) -> bool:
     params = saved.get("params", {})
     if stack.uses_rng:  # one stream per network (checkpoints before 0.2 held one for the stack)
         rng = saved.get("rng")
         if rng is None or rng.dim() != 2 or rng.shape[0] != stack.size:
             return False
+    if int(saved.get("start_step", 0)) != start:
+        return False
     return set(params) == set(stack.params) and all(
         params[n].shape == p.shape for n, p in stack.params.items()
     )
