@@ -66,6 +66,12 @@ def find(
     criterion: Annotated[str | None, Opt(help="Mask criterion (default large_final).")] = None,
     reset: Annotated[str | None, Opt(help="Reset of survivors (default rewind).")] = None,
     rewind_step: Annotated[int | None, Opt(help="Rewind survivors to this step.")] = None,
+    retrain: Annotated[
+        str | None, Opt(help="After pruning: rewind (default), lr_rewind or finetune.")
+    ] = None,
+    retrain_steps: Annotated[
+        int | None, Opt(help="Budget t of lr_rewind / finetune (default T - rewind step).")
+    ] = None,
     controls: Annotated[
         list[str] | None, Opt("--control", help="Controls to run: reinit, random_prune.")
     ] = None,
@@ -117,6 +123,8 @@ def find(
         "criterion": criterion,
         "reset": reset,
         "rewind_step": rewind_step,
+        "retrain": retrain,
+        "retrain_steps": retrain_steps,
         "controls": [] if no_controls else (controls or None),
         "tolerance_pp": tolerance,
         "dtype": dtype,
@@ -295,6 +303,123 @@ def compare(
     for table in tables(grid):
         console.print(table)
     console.print(f"Saved {Path(out) / 'grid.json'} and {Path(out) / 'grid.md'}")
+
+
+@app.command()
+def retrain(
+    config_file: Annotated[
+        Path | None, Opt("--config", help="TOML file of settings (flags override it).")
+    ] = None,
+    model: Annotated[str | None, Opt(help="Model name (see `ticketlab models`).")] = None,
+    data: Annotated[str | None, Opt(help="Data set name (see `ticketlab datasets`).")] = None,
+    levels: Annotated[int | None, Opt(help="Pruning rounds after the dense level.")] = None,
+    replicates: Annotated[int | None, Opt(help="Independent repetitions (seeds).")] = None,
+    seed: Annotated[int | None, Opt(help="Base seed of inits, data orders and controls.")] = None,
+    steps: Annotated[int | None, Opt(help="Training iterations T of the dense network.")] = None,
+    batch_size: Annotated[int | None, Opt(help="Minibatch size.")] = None,
+    lr: Annotated[float | None, Opt(help="Learning rate.")] = None,
+    eval_every: Annotated[int | None, Opt(help="Evaluate every N iterations.")] = None,
+    fc_rate: Annotated[float | None, Opt(help="Fraction of fc weights pruned per round.")] = None,
+    conv_rate: Annotated[float | None, Opt(help="Fraction of conv weights per round.")] = None,
+    rewind_step: Annotated[int | None, Opt(help="k of the rewind mode.")] = None,
+    budget: Annotated[
+        int | None, Opt(help="t, steps of lr_rewind and finetune (default T - k).")
+    ] = None,
+    modes: Annotated[str, Opt(help="Comma-separated modes.")] = "rewind,lr_rewind,finetune",
+    controls: Annotated[bool, Opt("--controls", help="Also train the controls.")] = False,
+    stack_size: Annotated[int | None, Opt(help="Networks trained side by side (0 = auto).")] = None,
+    out: Annotated[str, Opt(help="Folder: one run per mode, retrain.json/md.")] = "runs/retrain",
+) -> None:
+    """Renda et al.'s comparison: the same IMP search retrained by weight rewinding, learning-rate
+    rewinding and fine-tuning; one table of test accuracy per sparsity and mode."""
+    from .api import run_search
+    from .io.config import load_toml, resolve
+    from .studies.retrain import markdown, parse_modes, run_retrain
+
+    chosen = parse_modes(modes)
+    flags = {
+        "model": model, "data": data, "levels": levels, "replicates": replicates, "seed": seed,
+        "steps": steps, "batch_size": batch_size, "lr": lr, "eval_every": eval_every,
+        "fc_rate": fc_rate, "conv_rate": conv_rate, "rewind_step": rewind_step,
+        "retrain_steps": budget, "stack_size": stack_size, "out": out,
+    }  # fmt: skip
+    settings = {"controls": [], **(load_toml(config_file) if config_file else {})}
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    if controls:
+        settings.pop("controls")
+    err = Console(stderr=True)
+    table = run_retrain(resolve(settings), chosen, lambda c: run_search(c, console=err).levels)
+    Console().print(markdown(table), markup=False, highlight=False)
+    Console().print(f"Saved {Path(out) / 'retrain.json'} and {Path(out) / 'retrain.md'}")
+
+
+@app.command()
+def stability(
+    run: Annotated[Path, typer.Argument(help="Run folder of `ticketlab find`.")],
+    level: Annotated[int, Opt(help="Level to analyse (0 = the dense network).")] = 0,
+    k: Annotated[str, Opt("--k", help="Comma-separated rewind steps.")] = "0,25,100,500",
+    replicates: Annotated[int | None, Opt(help="Replicates (default: all of the run).")] = None,
+    controls: Annotated[
+        bool, Opt("--controls/--no-controls", help="Also random-prune and reinit (levels >= 1).")
+    ] = True,
+    points: Annotated[int, Opt(help="Evenly spaced points on the path.")] = 30,
+    bn_stats: Annotated[
+        str, Opt(help="BatchNorm statistics on the path: interpolate or reestimate.")
+    ] = "interpolate",
+    bn_batches: Annotated[int, Opt(help="Training batches that re-estimate them.")] = 20,
+    name: Annotated[str, Opt(help="Subfolder of the run for the results.")] = "stability",
+    stack_size: Annotated[int | None, Opt(help="Networks trained side by side (0 = auto).")] = None,
+) -> None:
+    """Instability analysis (Frankle et al. 2020): the error barrier between two copies trained
+    from step k with different data orders; rerun to resume."""
+    from .studies import stability as st
+
+    settings = st.Settings(
+        level,
+        st.parse_ks(k),
+        replicates,
+        controls,
+        points,
+        bn_stats,
+        bn_batches,
+        name,
+        stack_size or None,
+    )
+    opened = st.open_run(run)
+    st.validate(opened, settings)
+    with opened.store.lock(), _bar("stability", st.total_steps(opened, settings)) as advance:
+        st.run_stability(opened, settings, advance)
+        figures = st.write_outputs(opened, name)
+        if name == "stability" and (run / "report").is_dir():
+            from .io.report import write_report
+
+            write_report([run])
+    console = Console(width=None if Console().is_terminal else 160)
+    console.print(st.markdown(st.summarize(opened, name)), markup=False, highlight=False)
+    for figure in figures:
+        console.print(f"Saved {figure}", markup=False, highlight=False)
+
+
+def _bar(label: str, total: int):
+    """A progress bar on stderr; the context yields the function that advances it."""
+    import contextlib
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    @contextlib.contextmanager
+    def bar():
+        progress = Progress(
+            TextColumn(label),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        )
+        with progress:
+            task = progress.add_task(label, total=total)
+            yield lambda n: progress.advance(task, n)
+
+    return bar()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from ..errors import TicketlabError
 from ..train.augment import AUGMENTATIONS
 
 CONTROLS = ("reinit", "random_prune")
+RETRAIN = ("rewind", "lr_rewind", "finetune")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class Config:
     criterion: str = "large_final"
     reset: str = "rewind"
     rewind_step: int = 0
+    # retraining after pruning (Renda et al.): rewind | lr_rewind | finetune, budget t in steps
+    retrain: str = "rewind"
+    retrain_steps: int = 0  # t; 0 = T - rewind_step (the budget of rewinding)
     controls: list[str] = field(default_factory=lambda: list(CONTROLS))
     tolerance_pp: float = 0.5
     # where and how it runs (not part of the experiment's identity)
@@ -86,7 +90,14 @@ class Config:
             # Pruned levels train from step k to T with the schedule at step k (late rewinding);
             # folders written when they restarted the schedule at 0 must not resume as this.
             identity["late_rewinding"] = 1
+        if self.retrain == "rewind" and not self.retrain_steps:
+            # the default: folders written before the retraining modes existed keep their hash
+            del identity["retrain"], identity["retrain_steps"]
         return identity
+
+    def retrain_budget(self) -> int:
+        """t: the steps a pruned level trains under ``lr_rewind`` and ``finetune``."""
+        return self.retrain_steps or self.steps - self.rewind_step
 
     def hash(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True).encode()
@@ -151,7 +162,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 _FIELD_TYPES = {f.name: f.type for f in fields(Config)}
 
 # Iteration counts that may be given in epochs, as "160ep" (or in steps, as 62400 or "62400it").
-STEP_FIELDS = ("steps", "milestones", "warmup_steps", "eval_every", "rewind_step")
+STEP_FIELDS = ("steps", "milestones", "warmup_steps", "eval_every", "rewind_step", "retrain_steps")
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ep|it)\s*$")
 
 
@@ -321,6 +332,14 @@ def validate(c: Config) -> None:
     )
     need(c.reset in RESETS, f"unknown reset {c.reset!r}; known: {', '.join(RESETS)}")
     need(0 <= c.rewind_step < c.steps, f"rewind_step must be in [0, steps), got {c.rewind_step}")
+    need(
+        c.retrain in RETRAIN,
+        f"retrain must be one of {', '.join(RETRAIN)}, got {c.retrain!r}",
+    )
+    need(
+        0 <= c.retrain_steps <= c.steps,
+        f"retrain_steps must be in [0, steps] (0 = steps - rewind_step), got {c.retrain_steps}",
+    )
     for control in c.controls:
         need(control in CONTROLS, f"unknown control {control!r}; known: {', '.join(CONTROLS)}")
     need(c.tolerance_pp >= 0, f"tolerance_pp must be >= 0, got {c.tolerance_pp}")

@@ -521,8 +521,33 @@ def write_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
             figures.append((stem, caption))
     atomic_write_bytes(out_dir / "summary.md", summary_markdown(runs).encode())
     index = out_dir / "index.html"
-    atomic_write_bytes(index, report_html(runs, figures).encode())
+    sections = stability_sections(runs, out_dir)
+    atomic_write_bytes(index, report_html(runs, figures, sections).encode())
     return index
+
+
+def stability_sections(runs: Sequence[RunData], out_dir: Path) -> list[str]:
+    """The instability analysis of each run that has one (``ticketlab stability``): its table and
+    figures, copied next to the page so the report stays self-contained."""
+    e = html.escape
+    parts = []
+    for i, run in enumerate(runs):
+        folder = run.path / "stability"
+        if not (folder / "summary.md").is_file():
+            continue
+        who = f": {run.name}" if len(runs) > 1 else ""
+        parts.append(f"<h2>Stability to SGD noise{e(who)}</h2>")
+        parts.append(
+            "<p>Instability = largest error on the straight line between two copies trained from "
+            "step k with different data orders, minus the mean of their errors (pp); stable "
+            "below 2 pp (Frankle et al. 2020).</p>"
+        )
+        parts.append(f"<pre>{e((folder / 'summary.md').read_text())}</pre>")
+        for png in sorted(folder.glob("*.png")):
+            stem = f"stability_{i}_{png.stem}"
+            atomic_write_bytes(out_dir / f"{stem}.png", png.read_bytes())
+            parts.append(f'<figure><img src="{e(stem)}.png" alt="{e(png.stem)}"></figure>')
+    return parts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -654,7 +679,9 @@ def _meta_list(run: RunData) -> str:
     return f'<dl class="meta">{rows}</dl>'
 
 
-def report_html(runs: Sequence[RunData], figures: Sequence[tuple[str, str]]) -> str:
+def report_html(
+    runs: Sequence[RunData], figures: Sequence[tuple[str, str]], sections: Sequence[str] = ()
+) -> str:
     """The page: answer, table, figures, config and metadata (all text escaped)."""
     e = html.escape
     multi = len(runs) > 1
@@ -691,6 +718,7 @@ def report_html(runs: Sequence[RunData], figures: Sequence[tuple[str, str]]) -> 
             f'<figure><img src="{e(stem)}.png" alt="{e(caption)}">'
             f'<figcaption>{e(caption)} (<a href="{e(stem)}.svg">SVG</a>)</figcaption></figure>'
         )
+    parts.extend(sections)
     parts.append("<h2>Configuration</h2>")
     for run in runs:
         if multi:

@@ -8,9 +8,8 @@ run take exactly the same path.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import torch
@@ -22,20 +21,15 @@ from ..core.mask import Mask, layer_kinds, prunable_names
 from ..core.pruning import prune, random_mask_like
 from ..core.resets import get_reset
 from ..core.seeds import derive_seed
-from ..errors import TicketlabError
 from ..io.config import Config
 from ..io.run_files import level_dir, load_masks, load_replicates, load_rewind
 from ..io.store import RunStore
 from ..train.stacked import StackPlan, State
 from ..train.trainer import Job, Progress, Result, TrainSpec, chunk_count, train
 from ..zoo.data import Dataset
-from .common import train_spec
+from .common import StoreCheckpointer, _warn_stderr, data_seed, init_seed, train_spec
 
 InitState = Callable[[int], State]
-
-
-def _warn_stderr(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -86,8 +80,7 @@ def run_imp(setup: Setup, progress: Progress | None = None) -> list[dict]:
             if progress:
                 progress(level_size(c, level) * level_steps(c, level))
         else:
-            rewind = load_rewind(store, c) if level else None
-            jobs = branch_jobs(setup, level, masks, rewind)
+            jobs = branch_jobs(setup, level, masks, restart_points(store, c, level))
             results = train_level(setup, level, [job for _, _, job in jobs], progress)
             save_level(setup, level, jobs, results)
         metrics.append(store.read_json(f"{level_dir(level)}/metrics.json"))
@@ -101,6 +94,32 @@ def run_imp(setup: Setup, progress: Progress | None = None) -> list[dict]:
     return metrics
 
 
+def restart_points(store: RunStore, c: Config, level: int) -> list[State] | None:
+    """The weights a pruned level's survivors restart from (Renda et al., arXiv 2003.02389):
+    the rewind point for ``rewind``; the previous level's trained ticket for ``lr_rewind`` and
+    ``finetune``. None for the dense level."""
+    if not level:
+        return None
+    if c.retrain == "rewind":
+        return load_rewind(store, c)
+    return load_replicates(store, f"{level_dir(level - 1)}/ticket_final.safetensors", c)
+
+
+def start_step(c: Config) -> int:
+    """Where a pruned level's schedule and data order start: the rewind step k (weights and
+    schedule back to k), or ``T - t`` when the last ``t`` steps are replayed or fine-tuned."""
+    return c.rewind_step if c.retrain == "rewind" else c.steps - c.retrain_budget()
+
+
+def level_spec(c: Config, level: int) -> TrainSpec:
+    """Fine-tuning trains at the schedule's final learning rate, held constant."""
+    spec = train_spec(c)
+    if level and c.retrain == "finetune":
+        final = spec.lr * spec.lr_factor(spec.steps - 1)
+        spec = replace(spec, lr=final, milestones=(), warmup_steps=0, cosine=False)
+    return spec
+
+
 def branch_jobs(
     setup: Setup, level: int, masks: list[Mask], rewind: list[State] | None
 ) -> list[tuple[str, int, Job]]:
@@ -109,8 +128,8 @@ def branch_jobs(
     jobs = []
     for branch in branches(c, level):
         for r in range(c.replicates):
-            data_seed = derive_seed(c.seed, "data", r, level, branch)
-            job = _make_job(setup, level, branch, r, masks[r], rewind, data_seed)
+            seed = data_seed(c, r, level, branch)
+            job = _make_job(setup, level, branch, r, masks[r], rewind, seed)
             jobs.append((branch, r, job))
     return jobs
 
@@ -136,7 +155,7 @@ def _make_job(
     c = setup.config
     if rewinds is None:  # the dense network: its weights at rewind_step become the rewind point
         given = setup.given if r == 0 else None
-        init = given if given is not None else setup.init_state(derive_seed(c.seed, "init", r))
+        init = given if given is not None else setup.init_state(init_seed(c, r))
         return Job(init, mask, data_seed, snapshot_step=c.rewind_step)
     rewind = rewinds[r]
     reset_name = {"ticket": c.reset, "reinit": "reinit", "random_prune": "rewind"}[branch]
@@ -150,13 +169,13 @@ def _make_job(
     init = dict(rewind)
     for name in mask.names():
         init[name] = reset(rewind[name], fresh[name], mask[name], g)
-    return Job(init, mask, data_seed, start_step=c.rewind_step)
+    return Job(init, mask, data_seed, start_step=start_step(c))
 
 
 def level_steps(c: Config, level: int) -> int:
-    """Steps each network of a level trains: the pruned levels go from the rewind step to the end
+    """Steps each network of a level trains: the pruned levels go from their start step to the end
     (late rewinding: the schedule and data order continue from step k, they do not restart)."""
-    return c.steps - (c.rewind_step if level else 0)
+    return c.steps - (start_step(c) if level else 0)
 
 
 def train_level(
@@ -177,42 +196,13 @@ def train_level(
         setup.template,
         jobs,
         setup.data,
-        setup.spec(),
+        level_spec(setup.config, level),
         stack_size=size,
         progress=progress,
         checkpointers=checkpointers,
         plan=setup.plan,
         backend=setup.backend,
     )
-
-
-@dataclass
-class StoreCheckpointer:
-    """Mid-level training state in the run folder (checksummed, no pickle).
-
-    A checkpoint is a cache: the level's results are a deterministic function of files already
-    verified (the rewind point, the previous level), so one that fails verification (corrupted,
-    truncated, foreign) is reported in one line, deleted, and the chunk trains from its start to
-    the same bits. Completed levels' files are never discarded: a bad one stops the run.
-    """
-
-    store: RunStore
-    rel: str
-    every: int
-    warn: Callable[[str], None] = _warn_stderr
-
-    def load(self) -> dict | None:
-        if not self.store.exists(self.rel):
-            return None
-        try:
-            return self.store.read_state(self.rel)
-        except TicketlabError as exc:
-            self.warn(f"{exc}; discarding it and retraining its networks from the level's start")
-            self.store.remove(self.rel)
-            return None
-
-    def save(self, state: dict) -> None:
-        self.store.write_state(self.rel, state)
 
 
 def save_level(
