@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tomli_w
 import torch
 from rich.console import Console
@@ -26,7 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 
 from . import __version__
-from .core.mask import Mask
+from .core.mask import Mask, prunable_names
 from .core.seeds import derive_seed
 from .errors import TicketlabError
 from .io.config import SUMMARY_ONLY, Config, load_toml, resolve
@@ -36,8 +35,10 @@ from .io.store import TMP_PREFIX, RunStore, atomic_write_bytes, check_writable_f
 from .io.summary import answer_line, stopped_lines, summarize, table
 from .studies.common import train_spec
 from .studies.imp import Setup, check_settings, run_imp, total_steps
-from .train.stacked import State
+from .train.layout import buffer_names
+from .train.stacked import State, plan_stack
 from .train.trainer import place_data
+from .zoo.checks import as_arrays, check_fit
 from .zoo.data import Dataset, load_dataset, redraw_split, split_validation
 from .zoo.models import build_model
 
@@ -133,9 +134,18 @@ def run_search(
     data: Dataset | None = None,
     console: Console | None = None,
     replicate_data: Callable[[int], Dataset] | None = None,
+    given: State | None = None,
 ) -> TicketSearch:
-    """Run (or resume) the search ``config`` describes, print its table, write its report."""
+    """Run (or resume) the search ``config`` describes, print its table, write its report.
+
+    ``given``: replicate 0's initial weights (a user's module as passed); ``init_state(seed)``
+    draws every other init. The data is checked against the module before anything is written.
+    """
     console = console or Console(stderr=True)
+
+    def warn(message: str) -> None:
+        console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
     store = open_store(config)
     if data is None:
         data = load_dataset(config.data, config.val_fraction, config.seed)
@@ -157,17 +167,24 @@ def run_search(
             return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     assert init_state is not None
+    config_dtype = getattr(torch, config.dtype)
+    prunable = prunable_names(template, config.prune_biases, config.exclude)
+    check_fit(template, data, prunable, config_dtype)  # on the CPU, before anything is written
+    plan = plan_stack(template, data.x_train.to(config_dtype))
+    if not plan.side_by_side and config.batch and config.stack_size != 1:
+        warn(
+            f"{type(template).__name__} trains its networks one after another, not side by "
+            f"side: {plan.reason}"
+        )
     spec = train_spec(config)  # settles the device (one line if it is not there) before writing
     dtype, device = getattr(torch, spec.dtype), torch.device(spec.device)
     data = place_data(data, dtype, device)  # moved once
     if replicate_data is not None:
         placed = [place_data(replicate_data(r), dtype, device) for r in range(config.replicates)]
         replicate_data = placed.__getitem__
-
-    def warn(message: str) -> None:
-        console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
-
-    setup = Setup(config, template, init_state, data, store, warn, replicate_data)
+    setup = Setup(
+        config, template, init_state, data, store, warn, replicate_data, given=given, plan=plan
+    )
     check_settings(setup)  # before anything is written
     check_writable_folder(store.root)
     with store.lock():
@@ -242,22 +259,33 @@ def print_result(search: TicketSearch, console: Console) -> None:
     console.print(f"Run folder: {search.run_dir}")
 
 
+Init = Callable[[nn.Module], Any]
+
+
 def find_ticket(
     model: nn.Module,
-    train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
+    train: tuple[Any, Any],
+    test: tuple[Any, Any],
     *,
     out: str | Path | None = None,
+    init: Init | None = None,
+    console: Console | None = None,
     **settings: Any,
 ) -> TicketSearch:
-    """IMP on any ``nn.Module``: ``train``/``test`` are (inputs, integer labels) tensors.
+    """IMP on any ``nn.Module``: ``train``/``test`` are (inputs, integer labels) pairs of NumPy
+    arrays or tensors, checked against the module before anything trains.
 
+    Replicate 0 starts from ``model``'s weights exactly as passed. Every other replicate, and the
+    reinit control, starts from ``init(module)`` applied to a copy of ``model`` under its own seed
+    (``init`` initialises the copy in place, or returns the module to use). By default that is each
+    submodule's ``reset_parameters``; parameters that no ``reset_parameters`` covers (raw
+    ``nn.Parameter``s of your own modules) keep their given values, with a warning naming them.
     ``settings`` are config keys (``levels``, ``replicates``, ``steps``, ``fc_rate``...,
-    ``device="auto"|"cpu"|"cuda"|"cuda:N"|"mps"``, ``precision="fp32"|"bf16"|"fp16"``). Replicate
-    inits and the reinit control come from the model's own ``reset_parameters`` under a seed.
+    ``device="auto"|"cpu"|"cuda"|"cuda:N"|"mps"``, ``precision="fp32"|"bf16"|"fp16"``).
     """
     if not isinstance(model, nn.Module):
         raise TicketlabError("find_ticket needs a torch.nn.Module")
+    console = console or Console(stderr=True)
     fingerprint = hashlib.sha256(repr(model).encode()).hexdigest()[:8]
     out = out or tempfile.mkdtemp(prefix="ticketlab-")
     config = resolve(
@@ -269,8 +297,8 @@ def find_ticket(
             "out": str(out),
         }
     )
-    x, y = (np.asarray(t) for t in train)
-    x_test, y_test = (np.asarray(t) for t in test)
+    x, y = as_arrays(train, "train")
+    x_test, y_test = as_arrays(test, "test")
     data = split_validation("custom", x, y, x_test, y_test, config.val_fraction, config.seed)
     splits = []
     if config.resplit:
@@ -278,27 +306,43 @@ def find_ticket(
             seed = derive_seed(config.seed, "split", r)
             raw = redraw_split(x, y, x_test, y_test, seed)
             splits.append(split_validation("custom", *raw, config.val_fraction, seed))
-
+    if init is None:
+        uncovered = _names_without_reset(model)
+        if uncovered and (config.replicates > 1 or "reinit" in config.controls):
+            console.print(
+                f"warning: no reset_parameters covers {', '.join(uncovered)}: other replicates "
+                "and the reinit control keep their given values; pass init= to draw them",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
     return run_search(
         config,
         template=model,
-        init_state=module_init_state(model),
+        init_state=module_init_state(model, init),
         data=data,
+        console=console,
         replicate_data=splits.__getitem__ if splits else None,
+        given=module_state(model),
     )
 
 
-def module_init_state(model: nn.Module) -> Callable[[int], State]:
-    """Seeded inits of any module: its own ``reset_parameters`` under the seed."""
+def module_init_state(model: nn.Module, init: Init | None = None) -> Callable[[int], State]:
+    """Seeded inits of any module: ``init(copy)`` under the seed, or by default each
+    submodule's own ``reset_parameters``."""
 
     def init_state(seed: int) -> State:
         fresh = copy.deepcopy(model)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for module in fresh.modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
-        return {k: v.detach().clone() for k, v in fresh.state_dict().items()}
+            if init is None:
+                for module in fresh.modules():
+                    if callable(getattr(module, "reset_parameters", None)):
+                        module.reset_parameters()
+            else:
+                returned = init(fresh)
+                fresh = returned if isinstance(returned, nn.Module) else fresh
+        return module_state(fresh)
 
     return init_state
 
@@ -338,8 +382,8 @@ def transfer_ticket(
         if model is None or train is None or test is None:
             raise TicketlabError("a custom transfer needs model, train and test together")
         source = open_run(run, "source run")
-        x, y = (np.asarray(t) for t in train)
-        x_test, y_test = (np.asarray(t) for t in test)
+        x, y = as_arrays(train, "train")
+        x_test, y_test = as_arrays(test, "test")
         seed = source.config.seed if options.seed is None else options.seed
         vf = source.config.val_fraction
         data = split_validation("custom", x, y, x_test, y_test, vf, seed)
@@ -360,3 +404,27 @@ def transfer_ticket(
         except BaseException:
             bar.live.transient = True
             raise
+
+
+def module_state(module: nn.Module) -> State:
+    """A detached copy of the parameters and saved buffers, each tensor under one name (a tied
+    weight under its first), which is how every stack and run file names them."""
+    named = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    named.update({n: buffers[n] for n in buffer_names(module)})
+    return {n: t.detach().clone() for n, t in named.items()}
+
+
+def _names_without_reset(model: nn.Module) -> list[str]:
+    """Parameters whose own module has no ``reset_parameters`` (default init leaves them alone)."""
+    names = []
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        covered = callable(getattr(module, "reset_parameters", None))
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if not covered:
+                names.append(f"{module_name}.{name}" if module_name else name)
+    return names

@@ -76,13 +76,15 @@ def prunable_names(
     and with ``embeddings`` the tables of ``nn.Embedding`` layers.
 
     Decided by layer type, never by matching 'weight' in a name, so BatchNorm and LayerNorm are
-    never pruned, nor (by default) a transformer's token and position embeddings.
+    never pruned, nor (by default) a transformer's token and position embeddings. A weight tied
+    between layers is one tensor, named once (by its first name, as ``named_parameters`` does).
     """
     excluded = set(exclude)
     layer_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     if embeddings:
         layer_types += (nn.Embedding,)
     names = []
+    seen: set[int] = set()
     for module_name, module in model.named_modules():
         if not isinstance(module, layer_types):
             continue
@@ -91,7 +93,11 @@ def prunable_names(
         with_bias = prune_biases and not isinstance(module, nn.Embedding)
         for param_name in ("weight", "bias") if with_bias else ("weight",):
             full = f"{module_name}.{param_name}" if module_name else param_name
-            if getattr(module, param_name, None) is not None and full not in excluded:
+            tensor = getattr(module, param_name, None)
+            if tensor is None or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            if full not in excluded:
                 names.append(full)
     return names
 

@@ -39,7 +39,7 @@ from ..io.run_files import (
     load_rewind,
 )
 from ..io.store import RunStore
-from ..train.stacked import State
+from ..train.stacked import StackPlan, State
 from ..train.trainer import Job, Progress, Result, TrainSpec, chunk_count, train
 from ..zoo.data import Dataset
 from .common import StoreCheckpointer, _warn_stderr, data_seed, init_seed, train_spec
@@ -59,6 +59,8 @@ class Setup:
     warn: Callable[[str], None] = field(default=_warn_stderr, compare=False)
     # with ``resplit``: replicate r's own train/validation/test split
     replicate_data: Callable[[int], Dataset] | None = field(default=None, compare=False)
+    given: State | None = None  # replicate 0's init, when the user handed us a module's weights
+    plan: StackPlan | None = None  # how networks train together (default: the trainer decides)
 
     @property
     def prunable(self) -> list[str]:
@@ -238,7 +240,8 @@ def _make_job(
 ) -> Job:
     c = setup.config
     if rewinds is None:  # the dense network: its weights at rewind_step become the rewind point
-        init = setup.init_state(init_seed(c, r))
+        given = setup.given if r == 0 else None
+        init = given if given is not None else setup.init_state(init_seed(c, r))
         return Job(init, mask, data_seed, snapshot_step=c.rewind_step)
     rewind = rewinds[r]
     reset_name = {"ticket": c.reset, "reinit": "reinit", "random_prune": "rewind"}[branch]
@@ -304,6 +307,7 @@ def _train_group(
         stack_size=size,
         progress=progress,
         checkpointers=checkpointers,
+        plan=setup.plan,
         backend=setup.backend,
     )
 

@@ -2,19 +2,22 @@
 
 Training many masked copies side by side (replicates, controls, sparsities) turns many small matmuls
 into a few large batched ones, which is where a CPU's throughput is. Each copy keeps its own
-parameters, mask, data order and optimizer state: stacking changes only how the arithmetic is
-grouped, never what is computed.
+parameters, mask, data order, optimizer state and random stream: stacking changes only how the
+arithmetic is grouped, never what is computed.
 
-Three implementations, picked by ``stack_networks``:
+Four implementations; ``plan_stack`` picks the first that computes, on a probe batch, what the
+networks compute alone (outputs, gradients, running statistics, in float64):
 
-* ``SequentialStack`` — an ``nn.Sequential`` of Linear/Conv2d/pooling/activation layers: Linear as
-  ``baddbmm`` with weights stored ``[K, in, out]`` (gradients arrive contiguous, are not copied)
-  or, once ``sparsify`` finds its masks sparse enough, as one block-diagonal CSR matrix holding
-  only the survivors (``sparse_linear``),
-  Conv2d as K ordinary convolutions over the stack's blocks of rows (``conv_mode = "loop"``, the
-  faster on CPU) or as one grouped convolution with ``groups=K`` (``"grouped"``).
-* ``VmapStack`` — any functional ``nn.Module``: ``torch.func.vmap`` over ``functional_call``.
-* ``SingleNetwork`` — anything else (BatchNorm in train mode, dropout): one network, no stacking.
+* ``SequentialStack`` — a (named, nested) ``nn.Sequential`` of Linear/Conv2d/pooling/activation
+  layers: Linear as ``baddbmm`` or, once ``sparsify`` finds its masks sparse enough, as one
+  block-diagonal CSR matrix of the survivors (``sparse_linear``); Conv2d as K ordinary
+  convolutions over the stack's blocks of rows (``conv_mode = "loop"``, the faster on CPU) or as
+  one grouped convolution with ``groups=K`` (``"grouped"``).
+* ``RowStack`` (``row_stack``) — any module whose forward treats samples independently, BatchNorm,
+  residual graphs, dropout and tied weights included: the user's own forward over the K networks'
+  rows, weight layers swapped for K-aware units.
+* ``VmapStack`` — any functional module: ``torch.func.vmap`` over ``functional_call``.
+* ``LoopStack`` — anything else: the K networks one after another inside each step.
 
 All expose ``params`` (leaf tensors, working layout), ``forward(x)`` for a batch per network,
 ``forward_shared(x)`` for one batch seen by all networks, and conversion to and from the canonical
@@ -24,16 +27,38 @@ per-network ``state_dict`` layout.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from .sparse_linear import SPARSE_BELOW, BlockPattern, sparse_linear
+from .layout import (
+    LinearLayout,
+    NotStackable,
+    State,
+    buffer_names,
+    parameter_names,
+    stack_states,
+)
+from .row_stack import LoopStack, RowStack
+from .sparse_linear import sparse_linear
 
-State = dict[str, torch.Tensor]
+__all__ = [
+    "LoopStack",
+    "NotStackable",
+    "RowStack",
+    "SequentialStack",
+    "Stack",
+    "StackPlan",
+    "State",
+    "VmapStack",
+    "build_stack",
+    "plan_stack",
+    "stack_networks",
+]
 
 _CHANNEL_LOCAL = (
     nn.ReLU,
@@ -47,15 +72,17 @@ _CHANNEL_LOCAL = (
 )
 
 
-class NotStackable(Exception):
-    """This architecture cannot be trained K-at-a-time by this implementation."""
+def _sequential_layers(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(name, layer) of a plain ``nn.Sequential``, nested ones flattened, names as in its
+    ``state_dict`` ("fc1", "features.0"): a Sequential built from an OrderedDict keeps its names."""
+    for name, child in module.named_children():
+        if type(child).forward is nn.Sequential.forward:
+            yield from _sequential_layers(child, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", child
 
 
-def _stack(states: Sequence[Mapping[str, torch.Tensor]], name: str, dtype: torch.dtype):
-    return torch.stack([s[name] for s in states]).to(dtype)
-
-
-class SequentialStack:
+class SequentialStack(LinearLayout):
     """Hand-batched ``nn.Sequential``: the fast path for the paper's MLPs and conv nets."""
 
     uses_rng = False
@@ -64,73 +91,54 @@ class SequentialStack:
     #: (K ordinary convolutions). Same arithmetic per network; benchmarks/throughput.py times both.
     conv_mode = "loop"
 
-    def __init__(self, template: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], dtype):
-        if not isinstance(template, nn.Sequential):
+    def __init__(
+        self,
+        template: nn.Module,
+        states: Sequence[Mapping[str, torch.Tensor]],
+        dtype: torch.dtype,
+        rng_seeds: Sequence[int] | None = None,
+    ):
+        layers = self.check_structure(template)
+        names = parameter_names(template)
+        self.names = [name for name, _ in layers]
+        self.layers = [layer for _, layer in layers]
+        self.size = len(states)
+        kinds = {n: type(m) for n, m in layers}
+        self._init_layout(
+            {f"{n}.weight" for n, t in kinds.items() if t is nn.Linear},
+            {f"{n}.bias" for n, t in kinds.items() if t is nn.Linear},
+        )
+        originals = dict(template.named_parameters())
+        self.params = {
+            n: self.to_working(n, stack_states(states, n, dtype, originals[n]))
+            .contiguous()
+            .requires_grad_()
+            for n in names
+        }
+
+    @staticmethod
+    def check_structure(template: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The layers, if every one has a hand-batched implementation (exact by construction, so
+        ``plan_stack`` needs no probe); else ``NotStackable``."""
+        if type(template).forward is not nn.Sequential.forward:
             raise NotStackable("not an nn.Sequential")
-        for layer in template:
+        layers = list(_sequential_layers(template))
+        for _, layer in layers:
             ok = isinstance(layer, _CHANNEL_LOCAL)
-            ok |= isinstance(layer, nn.Linear)
+            ok |= type(layer) is nn.Linear
             ok |= isinstance(layer, nn.Flatten) and layer.start_dim == 1 and layer.end_dim == -1
             ok |= (
-                isinstance(layer, nn.Conv2d)
+                type(layer) is nn.Conv2d
                 and layer.groups == 1
                 and layer.padding_mode == "zeros"
                 and isinstance(layer.padding, tuple)
             )
             if not ok or any(True for _ in layer.buffers()):
                 raise NotStackable(f"layer {layer} has no batched implementation")
-        self.layers = list(template)
-        self.size = len(states)
-        self._linear_weights = {
-            f"{i}.weight" for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear)
-        }
-        self._linear_biases = {
-            f"{i}.bias" for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear)
-        }
-        self._patterns: dict[str, BlockPattern] = {}
-        names = [n for n, _ in template.named_parameters()]
-        self.params: State = {
-            n: self.to_working(n, _stack(states, n, dtype)).contiguous().requires_grad_()
-            for n in names
-        }
-
-    def sparsify(self, keep: Mapping[str, torch.Tensor], below: float = SPARSE_BELOW) -> set[str]:
-        """Hold the Linear weights whose masks (``keep[name]``: ``[K, out, in]``) each keep less
-        than ``below`` of their entries as their survivors only; returns those names.
-
-        Every network must be sparse enough, so a network's path depends on its own mask alone
-        (as in an IMP level, where all share one density), and a dense one is never slowed down.
-        Call before the optimizer is built: from here on those parameters are the survivors'
-        values, and the pruned entries no longer exist (no mask needs re-applying to them).
-        """
-        chosen = set()
-        for name, mask in keep.items():
-            densest = float(mask.flatten(1).float().mean(1).max())
-            if name in self._linear_weights and densest < below:
-                with torch.no_grad():
-                    dense = self.to_canonical(name, self.params[name])
-                    self._patterns[name] = pattern = BlockPattern(mask)
-                    self.params[name] = pattern.gather(dense).contiguous().requires_grad_()
-                chosen.add(name)
-        return chosen
-
-    def to_working(self, name: str, canonical: torch.Tensor) -> torch.Tensor:
-        if name in self._patterns:
-            return self._patterns[name].gather(canonical)
-        if name in self._linear_weights:
-            return canonical.transpose(1, 2)
-        if name in self._linear_biases:
-            return canonical.unsqueeze(1)
-        return canonical
-
-    def to_canonical(self, name: str, working: torch.Tensor) -> torch.Tensor:
-        if name in self._patterns:
-            return self._patterns[name].scatter(working)
-        if name in self._linear_weights:
-            return working.transpose(1, 2)
-        if name in self._linear_biases:
-            return working.squeeze(1)
-        return working
+        names = parameter_names(template)
+        if len(names) != sum(1 for _ in template.named_parameters(remove_duplicate=False)):
+            raise NotStackable("tied weights")
+        return layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: [K, B, *input_shape] -> logits [K, B, classes].
@@ -144,10 +152,10 @@ class SequentialStack:
         k, batch = x.shape[:2]
         h, layout, fresh = x, "flat", False
         grouped = self.conv_mode == "grouped"
-        for i, layer in enumerate(self.layers):
+        for name, layer in zip(self.names, self.layers, strict=True):
             if isinstance(layer, nn.Conv2d):
-                w = self.params[f"{i}.weight"]
-                b = self.params.get(f"{i}.bias")
+                w = self.params[f"{name}.weight"]
+                b = self.params.get(f"{name}.bias")
                 if grouped:
                     if layout == "flat":
                         h = h.transpose(0, 1).reshape(batch, k * h.shape[2], *h.shape[3:])
@@ -174,9 +182,9 @@ class SequentialStack:
                     )
                 fresh = True
             elif isinstance(layer, nn.Linear):
-                w = self.params[f"{i}.weight"]
-                b = self.params.get(f"{i}.bias")
-                pattern = self._patterns.get(f"{i}.weight")
+                w = self.params[f"{name}.weight"]
+                b = self.params.get(f"{name}.bias")
+                pattern = self._patterns.get(f"{name}.weight")
                 if pattern is not None:
                     if layout != "features_first":
                         h, layout = h.transpose(1, 2), "features_first"
@@ -215,13 +223,22 @@ class VmapStack:
 
     uses_rng = False  # vmap refuses random operations
 
-    def __init__(self, template: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], dtype):
+    def __init__(
+        self,
+        template: nn.Module,
+        states: Sequence[Mapping[str, torch.Tensor]],
+        dtype: torch.dtype,
+        rng_seeds: Sequence[int] | None = None,
+    ):
         self.template = copy.deepcopy(template).to(dtype)
         self.size = len(states)
-        names = [n for n, _ in self.template.named_parameters()]
-        self.params: State = {n: _stack(states, n, dtype).requires_grad_() for n in names}
+        originals = {n: t for n, t in [*template.named_parameters(), *template.named_buffers()]}
+        self.params: State = {
+            n: stack_states(states, n, dtype, originals[n]).requires_grad_()
+            for n in parameter_names(template)
+        }
         self.buffers: State = {
-            n: _stack(states, n, b.dtype) for n, b in self.template.named_buffers()
+            n: stack_states(states, n, dtype, originals[n]) for n in buffer_names(template)
         }
 
         def call(p: State, b: State, x: torch.Tensor) -> torch.Tensor:
@@ -230,7 +247,7 @@ class VmapStack:
         self._per_batch = vmap(call, in_dims=(0, 0, 0))
         self._shared = vmap(call, in_dims=(0, 0, None))
 
-    def sparsify(self, keep: Mapping[str, torch.Tensor], below: float = SPARSE_BELOW) -> set[str]:
+    def sparsify(self, keep: Mapping[str, torch.Tensor], below: float = 0.0) -> set[str]:
         """No sparse path here: every parameter stays dense (and masked after each step)."""
         return set()
 
@@ -253,48 +270,92 @@ class VmapStack:
         return self.buffers
 
 
-class SingleNetwork:
-    """No stacking: one network through its own ``forward`` (BatchNorm, dropout, anything)."""
+Stack = SequentialStack | RowStack | VmapStack
 
-    def __init__(self, template: nn.Module, states: Sequence[Mapping[str, torch.Tensor]], dtype):
-        if len(states) != 1:
-            raise NotStackable("SingleNetwork holds exactly one network")
-        self.module = copy.deepcopy(template).to(dtype)
-        self.module.load_state_dict({k: v.to(dtype) for k, v in states[0].items()}, strict=False)
-        self.uses_rng = has_randomness(self.module)
-        self.size = 1
-        self.params: State = {
-            n: p.detach().unsqueeze(0).clone().requires_grad_()
-            for n, p in self.module.named_parameters()
-        }
-        self.buffers: State = dict(self.module.named_buffers())
-
-    def sparsify(self, keep: Mapping[str, torch.Tensor], below: float = SPARSE_BELOW) -> set[str]:
-        """No sparse path here: every parameter stays dense (and masked after each step)."""
-        return set()
-
-    def to_working(self, name: str, canonical: torch.Tensor) -> torch.Tensor:
-        return canonical
-
-    def to_canonical(self, name: str, working: torch.Tensor) -> torch.Tensor:
-        return working
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        params = {n: p[0] for n, p in self.params.items()}
-        return functional_call(self.module, (params, self.buffers), (x[0],)).unsqueeze(0)
-
-    def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward(x.unsqueeze(0))
-
-    def set_training(self, mode: bool) -> None:
-        self.module.train(mode)
-
-    def stacked_buffers(self) -> State:
-        """The live buffers (BatchNorm statistics) with a leading network axis of one (views)."""
-        return {n: b.unsqueeze(0) for n, b in self.buffers.items()}
+_IMPLEMENTATIONS: dict[str, type] = {
+    "sequential": SequentialStack,
+    "rows": RowStack,
+    "vmap": VmapStack,
+    "loop": LoopStack,
+}
 
 
-Stack = SequentialStack | VmapStack | SingleNetwork
+@dataclass(frozen=True)
+class StackPlan:
+    """How a module's networks train together: ``impl`` (a key of the implementations above),
+    whether its forward draws random numbers (then each network gets its own stream, and stacks
+    do not train in parallel lanes, which would share torch's global generator), and, when the
+    networks can only run one after another (``impl == "loop"``), why."""
+
+    impl: str
+    random: bool = False
+    reason: str = ""
+
+    @property
+    def side_by_side(self) -> bool:
+        return self.impl != "loop"
+
+
+def plan_stack(template: nn.Module, example_input: torch.Tensor) -> StackPlan:
+    """The fastest implementation that computes exactly what ``template``'s networks compute alone.
+
+    A plain Sequential of hand-batched layers takes ``SequentialStack``. Any other candidate is
+    checked, not assumed: two networks (the template's weights and a perturbed
+    copy) run through it in float64 on a few rows of ``example_input`` ([B, *input_shape]), in
+    training and evaluation mode, and must match the networks run alone — outputs, gradients,
+    running statistics, random draws.
+    """
+    try:
+        SequentialStack.check_structure(template)
+        return StackPlan("sequential")
+    except NotStackable:
+        pass
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few rows: threads would only wait on each other (and neighbours)
+    try:
+        return _plan_by_probe(template, example_input)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _plan_by_probe(template: nn.Module, example_input: torch.Tensor) -> StackPlan:
+    random = draws_random_numbers(template, example_input)
+    probe = _Probe(template, example_input, random)
+    reason = ""
+    for name, impl in _IMPLEMENTATIONS.items():
+        if name in ("sequential", "loop") or (random and name != "rows"):
+            continue
+        try:
+            probe.check(impl)
+            return StackPlan(name, random)
+        except NotStackable as exc:
+            if name == "rows":
+                reason = str(exc)
+        except Exception as exc:  # noqa: BLE001 - any failure means: not this implementation
+            if name == "rows":
+                reason = f"its forward does not run on stacked rows ({_one_line(exc)})"
+    return StackPlan("loop", random, reason)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def build_stack(
+    plan: StackPlan,
+    template: nn.Module,
+    states: Sequence[Mapping[str, torch.Tensor]],
+    dtype: torch.dtype,
+    rng_seeds: Sequence[int] | None = None,
+) -> Stack:
+    """The stack ``plan`` chose, for these networks; ``rng_seeds`` (one per network) seed each
+    network's own random stream when the module draws random numbers."""
+    seeds = None
+    if plan.random:
+        seeds = list(rng_seeds) if rng_seeds is not None else list(range(len(states)))
+    return _IMPLEMENTATIONS[plan.impl](template, states, dtype, seeds)
 
 
 def stack_networks(
@@ -302,34 +363,132 @@ def stack_networks(
     states: Sequence[Mapping[str, torch.Tensor]],
     dtype: torch.dtype,
     example_input: torch.Tensor,
+    rng_seeds: Sequence[int] | None = None,
 ) -> Stack:
-    """The fastest implementation that is exact for this architecture.
+    """``build_stack`` with the plan for ``template`` on ``example_input``."""
+    return build_stack(plan_stack(template, example_input), template, states, dtype, rng_seeds)
 
-    ``example_input`` ([B, *input_shape]) is pushed through once so a module that vmap cannot batch
-    (in-place buffer updates, random ops) is caught here, not mid-training.
-    """
-    if len(states) == 1 and _has_state_or_randomness(template):
-        return SingleNetwork(template, states, dtype)
-    for impl in (SequentialStack, VmapStack):
+
+def draws_random_numbers(template: nn.Module, example_input: torch.Tensor) -> bool:
+    """Whether a training-mode forward draws from torch's global generator (dropout in a module or
+    in the forward itself, RReLU, noise). Known random layers count even when this batch drew
+    nothing; a forward that fails here counts as not random (the data checks report it)."""
+    if any(isinstance(m, nn.modules.dropout._DropoutNd | nn.RReLU) for m in template.modules()):
+        return True
+    net = copy.deepcopy(template).double().train()
+    with torch.random.fork_rng(devices=[]):
+        before = torch.get_rng_state()
         try:
-            stack = impl(template, states, dtype)
             with torch.no_grad():
-                stack.forward_shared(example_input[:2].to(dtype))
-            return stack
-        except NotStackable:
-            continue
-        except RuntimeError:  # vmap refusing an op: in-place buffer update, randomness
-            continue
-    raise NotStackable(f"{type(template).__name__} must be trained one network at a time")
+                net(_probe_rows(example_input)[0])
+        except Exception:  # noqa: BLE001
+            return False
+        return not torch.equal(before, torch.get_rng_state())
 
 
-def _has_state_or_randomness(module: nn.Module) -> bool:
-    return any(True for _ in module.buffers()) or has_randomness(module)
+def _probe_rows(example_input: torch.Tensor) -> list[torch.Tensor]:
+    """Two different batches of 3 rows (in float64) for the two probe networks."""
+    x = example_input.double()
+    first = x[:3]
+    if first.shape[0] < 2:
+        first = torch.cat([first, first + 0.5])
+    second = x[3:6] if x.shape[0] >= 3 + first.shape[0] else first.flip(0) * 0.75
+    return [first, second[: first.shape[0]]]
 
 
-def has_randomness(module: nn.Module) -> bool:
-    """Whether training draws from torch's global random generator (dropout)."""
-    return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in module.modules())
+class _Probe:
+    """Two networks run alone: what every stack implementation must reproduce."""
+
+    def __init__(self, template: nn.Module, example_input: torch.Tensor, random: bool):
+        self.template = template
+        self.random = random
+        self.xs = _probe_rows(example_input)
+        self.seeds = [11, 12]
+        g = torch.Generator().manual_seed(0)
+        tensors = {n: t for n, t in [*template.named_parameters(), *template.named_buffers()]}
+        base = {
+            n: tensors[n].detach().double() if tensors[n].is_floating_point() else tensors[n]
+            for n in [*parameter_names(template), *buffer_names(template)]
+        }  # one entry per tensor: a tied weight is perturbed once
+        other = {}
+        for name, t in base.items():
+            if not t.is_floating_point():
+                other[name] = t.clone()
+            elif name.endswith("running_var"):
+                other[name] = t * (0.5 + torch.rand(t.shape, generator=g, dtype=t.dtype))
+            else:
+                scale = float(t.std()) if t.numel() > 1 and float(t.std()) > 0 else 0.1
+                other[name] = t + 0.5 * scale * torch.randn(t.shape, generator=g, dtype=t.dtype)
+        self.states = [base, other]
+        runs = zip(self.states, self.xs, self.seeds, strict=True)
+        self.alone = [self._alone(state, x, seed) for state, x, seed in runs]
+
+    def _alone(self, state: State, x: torch.Tensor, seed: int) -> dict:
+        net = copy.deepcopy(self.template).double().train()
+        net.load_state_dict(state, strict=False)
+        params = dict(net.named_parameters())
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(torch.Generator().manual_seed(seed).get_state())
+            out = net(x)
+        self.weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                                   dtype=out.dtype)  # fmt: skip
+        grads = torch.autograd.grad((out * self.weights).sum(), list(params.values()),
+                                    allow_unused=True)  # fmt: skip
+        buffers = {n: b.detach().clone() for n, b in net.named_buffers()}
+        net.eval()
+        with torch.no_grad():
+            out_eval = net(self.xs[0])
+        return {
+            "out": out.detach(),
+            "grads": dict(zip(params, grads, strict=True)),
+            "buffers": buffers,
+            "eval": out_eval,
+        }
+
+    def check(self, impl: type) -> None:
+        stack = impl(self.template, self.states, torch.float64, self.seeds if self.random else None)
+        stack.set_training(True)
+        with torch.random.fork_rng(devices=[]):
+            before = torch.get_rng_state()
+            out = stack.forward(torch.stack(self.xs))
+            if not torch.equal(before, torch.get_rng_state()):
+                raise NotStackable(
+                    "its forward draws random numbers outside nn.Dropout/nn.RReLU modules "
+                    "(e.g. F.dropout), which stacked networks cannot draw as they would alone"
+                )
+        names = list(stack.params)
+        grads = torch.autograd.grad((out * self.weights).sum(), [stack.params[n] for n in names],
+                                    allow_unused=True)  # fmt: skip
+        stack.set_training(False)
+        with torch.no_grad():
+            out_eval = stack.forward_shared(self.xs[0])
+        stack.set_training(True)
+        buffers = stack.stacked_buffers()
+        for k, alone in enumerate(self.alone):
+            _same(out[k], alone["out"], "outputs")
+            _same(out_eval[k], alone["eval"], "outputs in evaluation mode")
+            for name, grad in zip(names, grads, strict=True):
+                expected = alone["grads"].get(name)
+                got = None if grad is None else stack.to_canonical(name, grad)[k]
+                if expected is None or got is None:
+                    if (expected is None) != (got is None or not bool(got.any())):
+                        raise NotStackable(f"the gradient of {name} differs")
+                    continue
+                _same(got, expected, f"the gradient of {name}")
+            for name, value in buffers.items():
+                _same(value[k], alone["buffers"][name], f"{name}")
+
+
+def _same(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    if got.shape != expected.shape:
+        raise NotStackable(f"its {what} come out in another shape when stacked")
+    scale = 1.0 + float(expected.abs().max()) if expected.numel() else 1.0
+    if not torch.allclose(got.double(), expected.double(), rtol=1e-7, atol=1e-9 * scale):
+        raise NotStackable(
+            f"its {what} differ when networks are stacked: the forward mixes samples of the "
+            "batch (an operation across the batch other than BatchNorm, or a view that assumes "
+            "one network)"
+        )
 
 
 #: Bytes training holds per parameter and network: the weight, its gradient and Adam's two moments.
@@ -338,13 +497,11 @@ MAX_STACK = 16
 
 
 def max_stack_size(template: nn.Module, available_bytes: int | None = None) -> int:
-    """How many copies can share a stack: 1 for modules with state or randomness; otherwise up
-    to 16, fewer when their training state would not fit in a quarter of the available memory
-    (``available_bytes``, default: what the OS reports). A quarter, because stacks train two at a
-    time on two cores and activations need room as well. The paper's models never hit the cap; a
-    user's large module gets smaller stacks instead of running out of memory."""
-    if _has_state_or_randomness(template):
-        return 1
+    """How many copies can share a stack: up to 16, fewer when their training state would not fit
+    in a quarter of the available memory (``available_bytes``, default: what the OS reports). A
+    quarter, because stacks train two at a time on two cores and activations need room as well.
+    The paper's models never hit the cap; a user's large module gets smaller stacks instead of
+    running out of memory."""
     available = available_memory() if available_bytes is None else available_bytes
     if available is None:
         return MAX_STACK

@@ -39,12 +39,13 @@ from .device import Placement, configure_determinism, default_lanes, placement, 
 from .sparse_linear import SPARSE_BELOW
 from .stacked import (
     Stack,
+    StackPlan,
     State,
+    build_stack,
     canonical_state,
     canonical_states,
-    has_randomness,
     max_stack_size,
-    stack_networks,
+    plan_stack,
 )
 
 EVAL_CHUNK = 2048  # rows per evaluation forward pass for one label per row
@@ -194,6 +195,7 @@ def train(
     checkpointers: Sequence[Checkpointer | None] | None = None,
     lanes: int | None = None,
     sparse_below: float = SPARSE_BELOW,
+    plan: StackPlan | None = None,
     backend: Backend | None = None,
 ) -> list[Result]:
     """Train every job; ``stack_size`` networks at a time (default: as many as the architecture
@@ -213,6 +215,8 @@ def train(
     does not collapse when another process takes a core. ``lanes``: how many stacks may train at
     once (default: torch's intra-op thread count; 1 = one after another).
 
+    ``plan``: how the networks of a stack run together (default: ``plan_stack`` on this data).
+
     ``backend`` (see ``ticketlab.backends``): where the stacks train, e.g. as Ray tasks; each stack
     gets the thread count it would get here, so the results are the same bits.
     """
@@ -221,6 +225,7 @@ def train(
     data = place_data(data, getattr(torch, spec.dtype), where.device)
     if lanes is None:
         lanes = default_lanes(where.device)
+    plan = plan or plan_stack(template, data.x_train.cpu())
     _check_starts(jobs, spec)
     order = sorted(range(len(jobs)), key=lambda i: (jobs[i].start_step, jobs[i].mask.density()))
     by_density = [jobs[i] for i in order]
@@ -230,12 +235,18 @@ def train(
     def run_chunk(c: int, chunk_progress: Progress | None) -> list[Result]:
         checkpointer = checkpointers[c] if checkpointers else None
         return train_stack(
-            template, chunks[c], data, spec, chunk_progress, checkpointer, sparse_below
+            template, chunks[c], data, spec, chunk_progress, checkpointer, sparse_below, plan
         )
 
-    parallel = _lane_count(template, len(chunks), lanes)
+    parallel = _lane_count(template, plan, len(chunks), lanes)
     if backend is not None:
-        shared = {"template": template, "data": data, "spec": spec, "sparse_below": sparse_below}
+        shared = {
+            "template": template,
+            "data": data,
+            "spec": spec,
+            "sparse_below": sparse_below,
+            "plan": plan,
+        }
         threads = 1 if parallel > 1 else torch.get_num_threads()
         stacks = backend.run_stacks(
             train_stack, shared, chunks, checkpointers or [], progress, threads
@@ -314,10 +325,10 @@ def _lanes_available(lanes: int | None) -> int:
     return max(1, lanes if lanes is not None else torch.get_num_threads())
 
 
-def _lane_count(template: nn.Module, n_chunks: int, lanes: int | None) -> int:
-    # Modules with state or randomness (BatchNorm, dropout) use torch's global RNG and train one
-    # network at a time: never concurrently. Nor do modules too large to stack (memory).
-    if max_stack_size(template) == 1:
+def _lane_count(template: nn.Module, plan: StackPlan, n_chunks: int, lanes: int | None) -> int:
+    # Random modules (dropout) draw from torch's global generator, one network's stream at a time:
+    # never concurrently. Nor do modules too large to stack (memory).
+    if plan.random or max_stack_size(template) == 1:
         return 1
     return min(n_chunks, _lanes_available(lanes))
 
@@ -402,15 +413,20 @@ def train_stack(
     progress: Progress | None = None,
     checkpointer: Checkpointer | None = None,
     sparse_below: float = SPARSE_BELOW,
+    plan: StackPlan | None = None,
 ) -> list[Result]:
     dtype = getattr(torch, spec.dtype)
     where = spec.placement()
     device = where.device
     data = place_data(data, dtype, device)
+    plan = plan or plan_stack(template, data.x_train.cpu())
     if not where.on_cpu:  # the stack's copies of the template (buffers, constants) live there too
         template = copy.deepcopy(template).to(device)
     states = [{n: t.to(device) for n, t in j.init.items()} for j in jobs]
-    stack = stack_networks(template, states, dtype, data.x_train)
+    # Anything random inside the network (dropout) draws from each network's own stream, seeded
+    # from its job (so a run is reproducible whatever stack it is in) and checkpointed.
+    seeds = [_rng_seed(j) for j in jobs]
+    stack = build_stack(plan, template, states, dtype, seeds)
     k = stack.size
     start = jobs[0].start_step
     if any(j.start_step != start for j in jobs):
@@ -435,22 +451,14 @@ def train_stack(
     run.best_val = [math.inf] * k
     run.scaler = where.grad_scaler()
 
-    # Anything random inside the network (dropout) draws from the global generator: seed it from the
-    # job so a run is reproducible, and checkpoint its state so a resume is too. (Such networks
-    # never train in parallel lanes, see _lane_count.)
-    random = has_randomness(template)
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices, enabled=random):
-        if random:
-            torch.manual_seed(_rng_seed(jobs))
-        saved = checkpointer.load() if checkpointer else None
-        if saved is not None and not _fits(stack, jobs, saved, start):
-            saved = None  # written for another layout or other jobs: retrain, same bits
-        if saved is not None:
-            _restore(stack, optimizer, run, saved)
-        _train_loop(
-            stack, jobs, data, spec, masks, optimizer, run, progress, checkpointer, saved, where
-        )
+    saved = checkpointer.load() if checkpointer else None
+    if saved is not None and not _fits(stack, jobs, saved, start):
+        saved = None  # written for another layout or other jobs: retrain, same bits
+    if saved is not None:
+        _restore(stack, optimizer, run, saved)
+    _train_loop(
+        stack, jobs, data, spec, masks, optimizer, run, progress, checkpointer, saved, where
+    )
     return _results(stack, jobs, run)
 
 
@@ -613,8 +621,8 @@ class Batches:
         return x.view(len(self.seeds), -1, *self.shape), y.view(-1)
 
 
-def _rng_seed(jobs: Sequence[Job]) -> int:
-    return (jobs[0].data_seed * 1_000_003 + 0x5EED) % (2**63 - 1)
+def _rng_seed(job: Job) -> int:
+    return (job.data_seed * 1_000_003 + 0x5EED) % (2**63 - 1)
 
 
 _CURVE_KEYS = ("iteration", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc")
@@ -767,12 +775,6 @@ def _checkpoint(
     """A copy of everything training depends on, on the CPU whatever the device (so a run
     resumes on another device): nothing in it is shared with live state."""
     _flush_losses(run)
-    rng: dict[str, Any] = {}
-    if stack.uses_rng:
-        rng["rng"] = torch.get_rng_state()
-        device = next(iter(stack.params.values())).device
-        if device.type == "cuda":
-            rng["cuda_rng"] = torch.cuda.get_rng_state(device)
     return {
         "step": run.step,
         "start_step": run.start,
@@ -788,7 +790,7 @@ def _checkpoint(
         "loss_sum": run.loss_sum.clone(),
         "loss_count": run.loss_count,
         **({"scaler": run.scaler.state_dict()} if run.scaler is not None else {}),
-        **rng,
+        **({"rng": stack.rng_state()} if stack.uses_rng else {}),
     }
 
 
@@ -797,6 +799,10 @@ def _fits(stack: Stack, jobs: Sequence[Job], saved: dict[str, Any], start: int) 
     checkpoint from before the early-stop weights were kept has no ``best``: its networks
     retrain, to the same bits)."""
     params = saved.get("params", {})
+    if stack.uses_rng:  # one stream per network (checkpoints before 0.2 held one for the stack)
+        rng = saved.get("rng")
+        if rng is None or rng.dim() != 2 or rng.shape[0] != stack.size:
+            return False
     return (
         "best" in saved
         and int(saved.get("start_step", 0)) == start
@@ -828,6 +834,4 @@ def _restore(stack: Stack, optimizer: torch.optim.Optimizer, run: _Run, saved: d
     if run.scaler is not None and "scaler" in saved:
         run.scaler.load_state_dict(saved["scaler"])
     if "rng" in saved:
-        torch.set_rng_state(saved["rng"])
-    if "cuda_rng" in saved and next(iter(stack.params.values())).device.type == "cuda":
-        torch.cuda.set_rng_state(saved["cuda_rng"], next(iter(stack.params.values())).device)
+        stack.set_rng_state(saved["rng"])
