@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from throughput import matmul_peak  # the same sgemm peak as the throughput benchmark
 from ticketlab.api import run_search
 from ticketlab.io.config import resolve
 from ticketlab.studies import imp
@@ -54,20 +55,6 @@ MODEL, DATA = "lenet_300_100", "mnist5k"
 LR, BATCH, EVAL_EVERY = 1.2e-3, 60, 100
 FC_RATE, OUTPUT_RATE = 0.2, 0.1
 SPARSE_FROM = 0.2  # ticketlab's sparse path takes over below this density
-
-
-def matmul_peak(seconds: float = 3.0) -> float:
-    n = 2048
-    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    for _ in range(3):
-        torch.mm(a, b, out=c)
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        for _ in range(5):
-            torch.mm(a, b, out=c)
-        best = max(best, 5 * 2 * n**3 / (time.perf_counter() - t) / 1e9)
-    return best
 
 
 # ------------------------------------------------------------------------------------------
