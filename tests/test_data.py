@@ -319,3 +319,18 @@ def test_official_files_are_named_with_their_published_md5():
     assert data.CIFAR10_FILE.md5 == "c58f30108f718f92721af3b95e74349a"
     assert all(len(f.md5) == 32 and f.mirrors for f in [*data.MNIST_FILES, data.CIFAR10_FILE])
     assert [f.name for f in data.MNIST_FILES] == [f.name for f in data.FASHION_MNIST_FILES]
+
+
+def test_offline_sets_are_cached_exactly_and_rebuilt_when_the_cache_is_bad(tmp_path, monkeypatch):
+    from ticketlab.zoo import data as data_module
+
+    monkeypatch.setenv("TICKETLAB_DATA_DIR", str(tmp_path))
+    first = data_module.DATASETS["digits"]()  # built, then written to the cache
+    (cached,) = (tmp_path / "generated").glob("digits-*.npz")
+    again = data_module.DATASETS["digits"]()  # read back
+    for a, b in zip(first, again, strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    cached.write_bytes(b"not an npz file")  # a corrupt cache is rebuilt, not an error
+    rebuilt = data_module.DATASETS["digits"]()
+    assert all(np.array_equal(a, b) for a, b in zip(first, rebuilt, strict=True))
+    assert np.load(cached)["x"].shape == first[0].shape  # and rewritten whole

