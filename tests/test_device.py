@@ -244,3 +244,26 @@ def test_gpu_check_without_cuda_says_so_in_one_line(capsys):
     assert _gpu_check().main([]) == 0
     out = capsys.readouterr().out
     assert "no CUDA device" in out and len(out.strip().splitlines()) == 1
+
+
+def test_dry_run_plans_a_set_that_is_not_downloaded_yet(tmp_path, monkeypatch, capsys):
+    """CIFAR-10 absent from the cache: planned on stand-in tensors, nothing fetched or written."""
+    from ticketlab.zoo import data as data_module
+
+    monkeypatch.setenv("TICKETLAB_DATA_DIR", str(tmp_path / "cache"))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a dry run must not download")
+
+    monkeypatch.setattr(data_module, "fetch", no_network)
+    out = tmp_path / "planned"
+    argv = ["find", "--model", "lenet_300_100", "--data", "cifar10", "--levels", "1"]
+    argv += ["--steps", "20", "--batch-size", "8", "--out", str(out), "--dry-run"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "cifar10 is not downloaded yet" in printed
+    assert "estimated time on cpu" in printed
+    assert not out.exists() and not (tmp_path / "cache").exists()
+    stand_in = data_module.stand_in("cifar10")  # the real sizes, 45,000 / 5,000 / 10,000
+    assert stand_in.x_train.shape == (45_000, 3, 32, 32) and stand_in.x_test.shape[0] == 10_000
+    assert stand_in.num_classes == 10

@@ -138,7 +138,6 @@ def _offline_cached(source: str) -> Callable[[Callable[[], RawSplit]], Callable[
     return wrap
 
 
-
 @_offline_cached("mnist1d")
 def _mnist1d() -> RawSplit:
     from mnist1d.data import get_dataset_args, make_dataset
@@ -380,6 +379,37 @@ def _load_idx_set(files: list[RemoteFile], mean: float, std: float) -> RawSplit:
         x /= std
         out += [x, labels.astype(np.int64)]
     return out[0], out[1], out[2], out[3]
+
+
+#: The downloaded sets' files and sizes: (files, input shape, classes, training and test examples).
+DOWNLOADED: dict[str, tuple[list[RemoteFile], tuple[int, ...], int, int, int]] = {
+    "mnist": (MNIST_FILES, (1, 28, 28), 10, 60_000, 10_000),
+    "fashion_mnist": (FASHION_MNIST_FILES, (1, 28, 28), 10, 60_000, 10_000),
+    "cifar10": ([CIFAR10_FILE], (3, 32, 32), 10, 50_000, 10_000),
+    "cifar100": ([CIFAR100_FILE], (3, 32, 32), 100, 50_000, 10_000),
+}
+
+
+def not_downloaded(name: str) -> bool:
+    """Whether ``name`` is a downloaded set with a file missing from the cache."""
+    return name in DOWNLOADED and not all(f.path.is_file() for f in DOWNLOADED[name][0])
+
+
+def stand_in(name: str, val_fraction: float = 0.1) -> Dataset:
+    """Random tensors of a downloaded set's shapes and sizes, for planning before the download
+    (``find --dry-run`` times a few steps on them): the cost of a step does not depend on what the
+    pixels are."""
+    _, shape, classes, n_train, n_test = DOWNLOADED[name]
+    g = torch.Generator().manual_seed(0)
+    n_val = max(1, int(round(n_train * val_fraction)))
+
+    def part(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # one random image seen n times (an expanded view): CIFAR's 60,000 would be 737 MB
+        image = torch.randn(1, *shape, generator=g).expand(n, *shape)
+        return image, torch.randint(0, classes, (n,), generator=g)
+
+    (xt, yt), (xv, yv), (xs, ys) = part(n_train - n_val), part(n_val), part(n_test)
+    return Dataset(name, xt, yt, xv, yv, xs, ys)
 
 
 def _mnist() -> RawSplit:
