@@ -128,3 +128,49 @@ def test_table_shows_differences_and_verdict():
     assert "− dense" in text and "− reinit" in text and "− random prune" in text
     assert "+5.1 [" in text and "winning" in text
     assert "Smallest winning ticket: 50.0%" in answer_line(s)
+
+
+def lm_net(branch, r, loss, it=100):
+    return {
+        "branch": branch,
+        "replicate": r,
+        "weights_remaining": 1.0,
+        "early_stop_test_loss": loss,
+        "final_test_loss": loss,
+        "untrained_test_loss": 4.6,
+        "early_stop_iter": it,
+        "diverged": False,
+    }
+
+
+def test_language_model_verdict_pairs_log_perplexity_ratios_by_hand():
+    """Perplexity: the paired difference is other - ticket in loss (the log perplexity ratio);
+    a ticket at most tolerance% above dense in perplexity is not worse."""
+    dense = [2.70, 2.75, 2.72]
+    ticket = [2.698, 2.751, 2.719]
+    reinit = [2.80, 2.86, 2.81]
+    rand = [2.78, 2.83, 2.80]
+    metrics = [
+        level(0, 1.0, [lm_net("ticket", r, v) for r, v in enumerate(dense)]),
+        level(
+            1,
+            0.4,
+            [lm_net("ticket", r, v) for r, v in enumerate(ticket)]
+            + [lm_net("reinit", r, v) for r, v in enumerate(reinit)]
+            + [lm_net("random_prune", r, v) for r, v in enumerate(rand)],
+        ),
+    ]
+    summary = summarize(metrics, 0.5, "language_model", eval_every=10)
+    compare = summary["rows"][1]["compare"]
+    for name, other in (("dense", dense), ("reinit", reinit), ("random_prune", rand)):
+        diffs = [o - t for o, t in zip(other, ticket, strict=True)]
+        half = T975[2] * statistics.stdev(diffs) / math.sqrt(3)
+        mean = statistics.fmean(diffs)
+        assert compare[name]["mean"] == pytest.approx(mean)
+        assert compare[name]["low"] == pytest.approx(mean - half)
+    # dense - ticket in loss: +0.002, -0.001, +0.001 -> lower bound -0.0031 > -log(1.005) = -0.0050
+    assert summary["rows"][1]["verdict"]["winning"]
+    assert summary["winning_ticket"] == {"level": 1, "weights_remaining": 0.4}
+    assert "% perplexity" in answer_line(summary)
+    worse = summarize(metrics, 0.1, "language_model", eval_every=10)  # -log(1.001) = -0.0010
+    assert not worse["rows"][1]["verdict"]["winning"]

@@ -17,8 +17,10 @@ init and rewind point) and use only replicates where both networks trained witho
 fewer than two pairs there is no interval and the summary says the replicates are too few.
 
 Language-model runs (``task="language_model"``) are judged by test perplexity, exp of the mean
-next-token loss, on the means over replicates (matching: at most ``tolerance_pp`` percent above
-dense); they get no paired intervals yet.
+next-token loss, the same way: the paired difference is ``other - ticket`` in mean test loss at
+early stop, i.e. the log of the perplexity ratio (x100: about the percent perplexity difference;
+positive: the ticket is better), and "not worse than dense beyond the tolerance" means a
+perplexity at most ``tolerance_pp`` percent above dense (a log ratio >= -log(1 + tolerance_pp/100)).
 """
 
 from __future__ import annotations
@@ -115,7 +117,13 @@ def summarize(
     lm = task == LANGUAGE_MODEL
     rows = []
     dense = level_metrics[0] if level_metrics else None
-    dense_acc = _by_replicate(dense, "ticket", "early_stop_test_acc") if dense else {}
+    # the paired statistic, oriented so that larger is better: accuracy, or minus the loss
+    paired_key, sign = ("early_stop_test_loss", -1.0) if lm else ("early_stop_test_acc", 1.0)
+
+    def paired(level: dict[str, Any], branch: str) -> dict[int, float]:
+        return {r: sign * v for r, v in _by_replicate(level, branch, paired_key).items()}
+
+    dense_acc = paired(dense, "ticket") if dense else {}
     dense_iter = _by_replicate(dense, "ticket", "early_stop_iter") if dense else {}
     slack = early_stop_tolerance * (eval_every or 0)
     for level in level_metrics:
@@ -133,23 +141,24 @@ def summarize(
         }
         if level.get("stopped"):
             row["stopped"] = level["stopped"]
-        if level["level"] and not lm:
-            ticket = _by_replicate(level, "ticket", "early_stop_test_acc")
+        if level["level"]:
+            ticket = paired(level, "ticket")
             compare = {"dense": difference(_pairs(ticket, dense_acc), confidence)}
             for control in per_branch:
                 if control != "ticket":
-                    other = _by_replicate(level, control, "early_stop_test_acc")
-                    compare[control] = difference(_pairs(ticket, other), confidence)
+                    compare[control] = difference(
+                        _pairs(ticket, paired(level, control)), confidence
+                    )
             iters = _by_replicate(level, "ticket", "early_stop_iter")
             row["compare"] = compare
             row["early_stop"] = _early_stop(iters, dense_iter, slack)
-            row["verdict"] = _verdict(compare, row["early_stop"], tolerance_pp)
+            tolerance = math.log1p(tolerance_pp / 100) if lm else tolerance_pp / 100
+            row["verdict"] = _verdict(compare, row["early_stop"], tolerance)
         rows.append(row)
-    lm_winner = winning_ticket(rows, tolerance_pp, task) if lm else None
     return {
         "rows": rows,
-        "winning_ticket": lm_winner if lm else _smallest(rows, "winning"),
-        "by_means": lm_winner if lm else _smallest(rows, "by_means"),
+        "winning_ticket": _smallest(rows, "winning"),
+        "by_means": _smallest(rows, "by_means"),
         "task": task,
         "tolerance_pp": tolerance_pp,
         "early_stop_tolerance": early_stop_tolerance,
@@ -168,10 +177,10 @@ def _early_stop(iters: dict[int, float], dense: dict[int, float], slack: float) 
 
 
 def _verdict(
-    compare: dict[str, dict[str, Any]], early_stop: dict[str, Any], tolerance_pp: float
+    compare: dict[str, dict[str, Any]], early_stop: dict[str, Any], tol: float
 ) -> dict[str, Any]:
-    """'winning' (at the confidence), 'by_means' (means alone would say so), reasons otherwise."""
-    tol = tolerance_pp / 100
+    """'winning' (at the confidence), 'by_means' (means alone would say so), reasons otherwise;
+    ``tol``: how far below dense the paired difference may go (a fraction, or a log ratio)."""
     dense, controls = compare["dense"], {k: v for k, v in compare.items() if k != "dense"}
     if dense["n"] == 0:
         return {"winning": False, "by_means": False, "reasons": ["no healthy ticket"]}
@@ -200,37 +209,6 @@ def _smallest(rows: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
     for row in rows[1:]:
         if row.get("verdict", {}).get(key) and (
             best is None or row["weights_remaining"] < best["weights_remaining"]
-        ):
-            best = {"level": row["level"], "weights_remaining": row["weights_remaining"]}
-    return best
-
-
-def winning_ticket(
-    rows: list[dict[str, Any]], tolerance_pp: float, task: str = "classification"
-) -> dict[str, Any] | None:
-    """Sparsest level whose ticket's mean early-stop accuracy is within ``tolerance_pp`` of dense
-    (perplexity: at most ``tolerance_pp`` percent above dense) and whose mean early-stop
-    iteration is no later than dense."""
-    if not rows:
-        return None
-    key, _ = headline(task)
-    dense = rows[0]["branches"]["ticket"]
-    if not dense.get(key, {}).get("n"):
-        return None
-    best = None
-    for row in rows[1:]:
-        ticket = row["branches"]["ticket"]
-        if not ticket.get(key, {}).get("n"):
-            continue
-        if task == LANGUAGE_MODEL:
-            acc_ok = ticket[key]["mean"] <= dense[key]["mean"] * (1 + tolerance_pp / 100)
-        else:
-            acc_ok = ticket[key]["mean"] >= dense[key]["mean"] - tolerance_pp / 100
-        iter_ok = ticket["early_stop_iter"]["mean"] <= dense["early_stop_iter"]["mean"]
-        if (
-            acc_ok
-            and iter_ok
-            and (best is None or row["weights_remaining"] < best["weights_remaining"])
         ):
             best = {"level": row["level"], "weights_remaining": row["weights_remaining"]}
     return best
@@ -292,7 +270,10 @@ def table(summary: dict[str, Any]) -> Table:
     key, _ = headline(task)
     cell_of = _ppl if task == LANGUAGE_MODEL else _pct
     if task == LANGUAGE_MODEL:
-        out = Table(title="Test perplexity at early stop, mean ± std over replicates")
+        out = Table(
+            title=f"Test perplexity at early stop, mean ± std over replicates; ticket vs other in "
+            f"% perplexity (100 x log ratio, + = ticket lower) [{conf}% CI]"
+        )
     else:
         out = Table(
             title=f"Test accuracy at early stop (%), mean ± std over replicates; "
@@ -336,6 +317,11 @@ def definition(summary: dict[str, Any]) -> str:
     es_tol = summary.get("early_stop_tolerance", 1)
     conf = round(100 * summary.get("confidence", 0.95))
     evals = "evaluation" if es_tol == 1 else "evaluations"
+    if summary.get("task") == LANGUAGE_MODEL:
+        return (
+            f"test perplexity not above dense by more than {_fmt(tol)}% and below every control "
+            f"at {conf}% confidence, stopping within {es_tol} {evals} of dense"
+        )
     return (
         f"not worse than dense by more than {_fmt(tol)} pp and better than every control at "
         f"{conf}% confidence, stopping within {es_tol} {evals} of dense"
@@ -345,7 +331,8 @@ def definition(summary: dict[str, Any]) -> str:
 def answer_line(summary: dict[str, Any]) -> str:
     """The run's answer in one sentence (several when it needs to say why not)."""
     win = summary["winning_ticket"]
-    if summary.get("task") == LANGUAGE_MODEL:
+    legacy_lm = not any("compare" in row for row in summary.get("rows", [])[1:])
+    if summary.get("task") == LANGUAGE_MODEL and legacy_lm:  # written before LM intervals
         tol = summary["tolerance_pp"]
         if win is None:
             return (
@@ -376,7 +363,8 @@ def answer_line(summary: dict[str, Any]) -> str:
         for name, d in row.get("compare", {}).items():
             if name != "dense":
                 parts.append(f"− {CONTROL_LABELS.get(name, name)} {diff_cell(d)}")
-        detail = f" (ticket {', '.join(parts)} pp over {n} replicates)" if parts else ""
+        unit = "% perplexity" if summary.get("task") == LANGUAGE_MODEL else "pp"
+        detail = f" (ticket {', '.join(parts)} {unit} over {n} replicates)" if parts else ""
         return (
             f"Smallest winning ticket: {100 * win['weights_remaining']:.1f}% of weights remaining "
             f"(level {win['level']}){detail}: {definition(summary)}."
