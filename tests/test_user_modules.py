@@ -19,6 +19,7 @@ from torch import nn
 from ticketlab import find_ticket
 from ticketlab.api import module_state
 from ticketlab.core.mask import prunable_names
+from ticketlab.io.export import export_ticket, load_ticket, sparse_inference
 from ticketlab.train.stacked import plan_stack
 
 
@@ -191,6 +192,18 @@ def test_user_module_finds_a_ticket(tmp_path, digits, name):
     if name != "conv_batchnorm_block":  # 12 steps teach this tiny conv net nothing, alone too
         accuracy = search.summary["rows"][0]["branches"]["ticket"]["early_stop_test_acc"]
         assert accuracy["mean"] > 0.15  # it trained (chance is 0.1)
+    # shipped: export the early-stop ticket, load it into a fresh instance, run it sparse
+    path = tmp_path / "ticket.safetensors"
+    report = export_ticket(search.run_dir, search.config, 1, path, module=build())
+    assert report.weights == "early_stop" and path.is_file()
+    loaded = load_ticket(path, module=build()).eval()
+    state = module_state(loaded)
+    for n in mask.names():
+        assert not bool(state[n][~mask[n]].any()), n
+    x = torch.as_tensor(digits[1][0][:16])
+    sparse = sparse_inference(loaded, mask.names(), min_weights=0)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), loaded(x), rtol=1e-4, atol=1e-5)
 
 
 def test_a_raw_parameter_without_reset_is_named_and_init_draws_it(tmp_path, digits):

@@ -211,7 +211,10 @@ def load_state(module: nn.Module, state: State, what: str) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise TicketlabError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
+    # a tied weight is stored once, under its first name (``module_state``): its other names
+    # are filled by loading that one
+    aliases = _tied_aliases(module)
+    missing = sorted(set(own) - set(state) - set(aliases))
     extra = sorted(set(state) - set(own))
     if missing or extra:
         which = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
@@ -222,8 +225,24 @@ def load_state(module: nn.Module, state: State, what: str) -> nn.Module:
                 f"{what}: {name} is {tuple(tensor.shape)} in the ticket but "
                 f"{tuple(own[name].shape)} in the module"
             )
-    module.load_state_dict({n: t.to(own[n].device, own[n].dtype) for n, t in state.items()})
+    full = {n: t.to(own[n].device, own[n].dtype) for n, t in state.items()}
+    for alias, first in aliases.items():
+        if alias not in full and first in full:
+            full[alias] = full[first]
+    module.load_state_dict(full)
     return module
+
+
+def _tied_aliases(module: nn.Module) -> dict[str, str]:
+    """Every later name of a parameter registered under several names -> its first name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
 
 
 #: Linear layers with fewer weights than this stay dense in ``sparse_inference``: a call of
