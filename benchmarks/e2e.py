@@ -53,12 +53,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist1d_table import PUBLISHED_TICKET, SPARSITIES, mnist1d_full_train
+from mnist1d_table import (
+    PUBLISHED_TICKET,
+    SPARSITIES,
+    control_jobs,
+    mnist1d_full_train,
+    prune_round,
+)
 from throughput import matmul_peak  # the same sgemm peak as the throughput benchmark
 from ticketlab.api import run_search
-from ticketlab.core.criteria import large_final
 from ticketlab.core.mask import Mask, layer_groups, prunable_names
-from ticketlab.core.pruning import prune_to_density, random_mask_like
 from ticketlab.io.config import resolve
 from ticketlab.studies import imp
 from ticketlab.train import trainer
@@ -112,12 +116,8 @@ def plain_train(
     eval_every: int = EVAL_EVERY,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Train one masked network; return its final weights and test accuracy at early stop."""
-    params = dict(net.named_parameters())
-    with torch.no_grad():
-        for name, keep in mask.items():
-            params[name].mul_(keep)
-    optimizer = torch.optim.Adam(net.parameters(), lr=LR, fused=True)
     x, y = data.x_train, data.y_train
+    step_on = plain_stepper(net, mask, LR, x, y)
     n, per_epoch = x.shape[0], x.shape[0] // BATCH
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g)
@@ -133,15 +133,32 @@ def plain_train(
         position = step % per_epoch
         if position == 0 and step:
             perm = torch.randperm(n, generator=g)
-        idx = perm[position * BATCH : (position + 1) * BATCH]
+        step_on(perm[position * BATCH : (position + 1) * BATCH])
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}, best_acc
+
+
+def plain_stepper(
+    net: nn.Module, mask: dict[str, torch.Tensor], lr: float, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[torch.Tensor], None]:
+    """The plain loop's step on the examples ``idx``: forward, backward, fused Adam, then the
+    mask multiplied into the weights (applied once here, before the first step)."""
+    params = dict(net.named_parameters())
+    keep = {name: m.to(params[name].dtype) for name, m in mask.items()}
+    with torch.no_grad():
+        for name, m in keep.items():
+            params[name].mul_(m)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr, fused=True)
+
+    def step(idx: torch.Tensor) -> None:
         loss = F.cross_entropy(net(x.index_select(0, idx)), y.index_select(0, idx))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
-            for name, keep in mask.items():
-                params[name].mul_(keep)
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}, best_acc
+            for name, m in keep.items():
+                params[name].mul_(m)
+
+    return step
 
 
 def prune_magnitude(mask: dict[str, torch.Tensor], final: dict[str, torch.Tensor]) -> dict:
@@ -318,22 +335,10 @@ def mnist1d_grid(
     for r, sparsity in enumerate(SPARSITIES):
         start = time.perf_counter()
         if r:
-            masks = [
-                prune_to_density(
-                    masks[t],
-                    {n: large_final(inits[t][n], finals[t][n], None) for n in names},
-                    1.0 - sparsity,
-                    groups=groups,
-                )
-                for t in range(trials)
-            ]
+            masks = prune_round(masks, inits, finals, groups, sparsity)
         jobs = [Job(inits[t], masks[t], data_seed=t) for t in range(trials)]
         if r:
-            g = torch.Generator().manual_seed(1_000 + r)
-            jobs += [
-                Job(inits[t], random_mask_like(masks[t], g, groups), data_seed=t)
-                for t in range(trials)
-            ]
+            jobs += control_jobs(r, inits, masks, groups)
         trained = train_round(jobs)
         finals = [trained[t][0] for t in range(trials)]
         ticket[sparsity] = sum(trained[t][1] for t in range(trials)) / trials
@@ -377,22 +382,10 @@ def plain_round(data: Dataset, steps: int) -> Callable[[list[Job]], list[Trained
     def train_one(job: Job) -> Trained:
         net = mlp(x.shape[1])
         net.load_state_dict(job.init)
-        params = dict(net.named_parameters())
-        keep = {name: job.mask[name].to(params[name].dtype) for name in job.mask.names()}
-        with torch.no_grad():
-            for name, m in keep.items():
-                params[name].mul_(m)
-        optimizer = torch.optim.Adam(net.parameters(), lr=MNIST1D_LR, fused=True)
+        step_on = plain_stepper(net, job.mask.tensors, MNIST1D_LR, x, y)
         evaluate(net, data.x_val, data.y_val)
         for step in range(steps):
-            idx = torch.arange(step * MNIST1D_BATCH, (step + 1) * MNIST1D_BATCH) % n
-            loss = F.cross_entropy(net(x.index_select(0, idx)), y.index_select(0, idx))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                for name, m in keep.items():
-                    params[name].mul_(m)
+            step_on(torch.arange(step * MNIST1D_BATCH, (step + 1) * MNIST1D_BATCH) % n)
         evaluate(net, data.x_val, data.y_val)
         _, acc = evaluate(net, data.x_test, data.y_test)
         return {k: v.detach().clone() for k, v in net.state_dict().items()}, 100 * acc

@@ -70,6 +70,37 @@ def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def prune_round(
+    masks: list[Mask],
+    inits: list[dict[str, torch.Tensor]],
+    finals: list[dict[str, torch.Tensor]],
+    groups: list[list[str]],
+    sparsity: float,
+) -> list[Mask]:
+    """Each trial's mask pruned to ``sparsity`` by ``large_final``, a layer's weights and bias
+    ranked together (the notebook)."""
+    return [
+        prune_to_density(
+            mask,
+            {n: large_final(init[n], final[n], None) for n in mask.names()},
+            1.0 - sparsity,
+            groups=groups,
+        )
+        for mask, init, final in zip(masks, inits, finals, strict=True)
+    ]
+
+
+def control_jobs(
+    r: int, inits: list[dict[str, torch.Tensor]], masks: list[Mask], groups: list[list[str]]
+) -> list[Job]:
+    """Round ``r``'s controls: per trial, the same survivors per layer placed at random."""
+    g = torch.Generator().manual_seed(1_000 + r)
+    return [
+        Job(init, random_mask_like(mask, g, groups), data_seed=t)
+        for t, (init, mask) in enumerate(zip(inits, masks, strict=True))
+    ]
+
+
 def schedule(faithful: bool) -> list[float]:
     return [i / 100 for i in range(100)] if faithful else list(SPARSITIES)
 
@@ -108,15 +139,7 @@ def main() -> None:
     survivors = 0.0  # weights alive, summed over every network trained
     for r, sparsity in enumerate(rounds):
         if r:
-            masks = [
-                prune_to_density(
-                    masks[t],
-                    {n: large_final(inits[t][n], finals[t][n], None) for n in names},
-                    1.0 - sparsity,
-                    groups=groups,
-                )
-                for t in trials
-            ]
+            masks = prune_round(masks, inits, finals, groups, sparsity)
         listed = any(abs(sparsity - s) < 1e-9 for s in SPARSITIES)
         rel = f"round_{r:03d}"
         if store is not None and store.exists(f"{rel}.json"):
@@ -129,12 +152,8 @@ def main() -> None:
             accs = done["accs"]
         else:
             jobs = [Job(inits[t], masks[t], data_seed=t) for t in trials]
-            if r and listed:  # the control: same survivors per layer, placed at random
-                g = torch.Generator().manual_seed(1_000 + r)
-                jobs += [
-                    Job(inits[t], random_mask_like(masks[t], g, groups), data_seed=t)
-                    for t in trials
-                ]
+            if r and listed:
+                jobs += control_jobs(r, inits, masks, groups)
             results = train(template, jobs, data, spec)
             trainings += len(jobs)
             survivors += sum(job.mask.density() for job in jobs) * weight_count(template)

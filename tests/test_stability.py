@@ -89,10 +89,10 @@ def test_two_identical_copies_have_instability_exactly_zero(fresh_run):
     a, b = train(run.template, [Job(init, mask, 5), Job(init, mask, 5)], data, spec)
     for name in a.final:
         assert torch.equal(a.final[name], b.final[name])
-    errors = st.path_errors(run.template, a.final, b.final, [i / 29 for i in range(30)],
-                            data.x_test, data.y_test, s, data)  # fmt: skip
-    assert len(set(errors)) == 1
-    assert st.instability(errors) == 0.0
+    accuracies = st.path_accuracies(run.template, a.final, b.final, [i / 29 for i in range(30)],
+                                    data.x_test, data.y_test, s, data)  # fmt: skip
+    assert len(set(accuracies)) == 1
+    assert st.instability([1.0 - acc for acc in accuracies]) == 0.0
 
 
 def test_copies_differ_only_in_data_order(fresh_run):
@@ -202,14 +202,14 @@ def test_batchnorm_path_interpolates_running_statistics_by_default():
     torch.testing.assert_close(mid["2.running_var"], (a["2.running_var"] + b["2.running_var"]) / 2)
     assert st.interpolate(a, b, 0.0)["2.running_var"].equal(a["2.running_var"])
     s = st.Settings(level=0, ks=(0,), points=3)
-    errors = st.path_errors(template, a, b, [0.0, 0.5, 1.0], data.x_test, data.y_test, s, data)
+    path = st.path_accuracies(template, a, b, [0.0, 0.5, 1.0], data.x_test, data.y_test, s, data)
     # the midpoint, by hand in plain PyTorch: eval mode with the interpolated statistics
     net = BatchNormMLP()
     net.load_state_dict(mid)
     net.eval()
     with torch.no_grad():
         acc = (net(data.x_test).argmax(1) == data.y_test).double().mean().item()
-    assert errors[1] == pytest.approx(1 - acc, abs=1e-12)
+    assert path[1] == pytest.approx(acc, abs=1e-12)
 
 
 def test_batchnorm_statistics_can_be_reestimated_on_training_batches():
@@ -230,13 +230,13 @@ def test_batchnorm_statistics_can_be_reestimated_on_training_batches():
     for name in ("1.weight", "2.weight", "4.weight"):  # the weights are untouched
         assert torch.equal(re[name], mid[name])
     s = st.Settings(level=0, ks=(0,), points=3, bn_stats="reestimate", bn_batches=3)
-    errors = st.path_errors(template, a, b, [0.0, 0.5, 1.0], data.x_test, data.y_test, s, data)
+    path = st.path_accuracies(template, a, b, [0.0, 0.5, 1.0], data.x_test, data.y_test, s, data)
     net = BatchNormMLP()
     net.load_state_dict(re)
     net.eval()
     with torch.no_grad():
         acc = (net(data.x_test).argmax(1) == data.y_test).double().mean().item()
-    assert errors[1] == pytest.approx(1 - acc, abs=1e-12)
+    assert path[1] == pytest.approx(acc, abs=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -356,20 +356,6 @@ def interpolate(a: State, b: State, alpha: float) -> State:
     }
 
 
-def path_errors(
-    template: nn.Module,
-    a: State,
-    b: State,
-    alphas: Sequence[float],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    s: Settings,
-    data: Dataset,
-) -> list[float]:
-    """Error (1 - accuracy) of each interpolated network."""
-    return [1.0 - acc for acc in path_accuracies(template, a, b, alphas, x, y, s, data)]
-
-
 def path_accuracies(
     template: nn.Module,
     a: State,
