@@ -34,7 +34,15 @@ from ..io.config import Config, load_toml, resolve
 from ..io.run_files import level_dir, load_masks, load_rewind
 from ..io.store import RunStore
 from ..train.stacked import State, max_stack_size, stack_networks
-from ..train.trainer import Job, Progress, Result, chunk_count, loss_and_accuracy, train
+from ..train.trainer import (
+    EVAL_CHUNK,
+    Job,
+    Progress,
+    Result,
+    chunk_count,
+    loss_and_accuracy,
+    train,
+)
 from ..zoo.data import Dataset, load_dataset
 from ..zoo.models import build_model
 from .common import StoreCheckpointer, dense_data_seed, init_seed, train_spec
@@ -356,6 +364,9 @@ def interpolate(a: State, b: State, alpha: float) -> State:
     }
 
 
+PATH_ROWS = 16_384
+
+
 def path_accuracies(
     template: nn.Module,
     a: State,
@@ -373,12 +384,14 @@ def path_accuracies(
     if s.bn_stats == "reestimate" and has_batchnorm(template):
         states = [reestimate_bn(template, st, data, s.bn_batches) for st in states]
     x = x.to(dtype)
-    if max_stack_size(template) == 1:
-        return [
-            float(loss_and_accuracy(stack_networks(template, [st], dtype, x), x, y)[1][0])
-            for st in states
-        ]
-    return loss_and_accuracy(stack_networks(template, states, dtype, x), x, y)[1].tolist()
+    # at most PATH_ROWS rows (networks x examples) in one forward pass: 30 conv nets on a chunk of
+    # 2,048 images at once held gigabytes of activations and spent half its time in the kernel
+    group = 1 if max_stack_size(template) == 1 else max(1, PATH_ROWS // min(len(x), EVAL_CHUNK))
+    accuracies: list[float] = []
+    for start in range(0, len(states), group):
+        stack = stack_networks(template, states[start : start + group], dtype, x)
+        accuracies += loss_and_accuracy(stack, x, y)[1].tolist()
+    return accuracies
 
 
 def has_batchnorm(module: nn.Module) -> bool:
