@@ -705,7 +705,8 @@ def chunk_layout(template: torch.nn.Module, n_jobs: int, stack_size: int | None)
     """How ``train`` runs ``n_jobs`` networks: stacks of which sizes, how many at once."""
     bounds = _chunk_bounds(template, n_jobs, stack_size)
     sizes = sorted({b - a for a, b in bounds})
-    lanes = _lane_count(template, len(bounds), None)
+    # the plan only matters for random modules (one lane); these benchmark models have none
+    lanes = _lane_count(template, stacked.StackPlan("rows"), len(bounds), None)
     each = "/".join(str(x) for x in sizes)
     threads = torch.get_num_threads()
     at_once = f"{lanes} at a time, 1 thread each" if lanes > 1 else f"{threads} threads"
