@@ -41,6 +41,7 @@ The machine is shared: run it alone (or at ``nice -n -10``); the ratio is measur
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import threading
@@ -512,7 +513,7 @@ def kernel_rates(data: Dataset, networks: int, level: int, steps: int) -> tuple[
     template = lenet(data.x_train[0].numel(), 0)
     jobs = random_level_jobs(data, networks, level)
     spec = TrainSpec(steps=steps, batch_size=BATCH, lr=LR, eval_every=steps)
-    trainer.train(template, jobs[:2], data, replace_steps(spec, 20))  # warm-up
+    trainer.train(template, jobs[:2], data, dataclasses.replace(spec, steps=20, eval_every=20))
     start = time.perf_counter()
     trainer.train(template, jobs, data, spec)
     lab = networks * steps / (time.perf_counter() - start)
@@ -523,10 +524,6 @@ def kernel_rates(data: Dataset, networks: int, level: int, steps: int) -> tuple[
     plain_train(net, keep, data, steps, seed=0, eval_every=steps)
     plain = steps / (time.perf_counter() - start)
     return lab, plain
-
-
-def replace_steps(spec: TrainSpec, steps: int) -> TrainSpec:
-    return TrainSpec(steps=steps, batch_size=spec.batch_size, lr=spec.lr, eval_every=steps)
 
 
 def kernel_bound(data: Dataset, peak: float, replicates: int, steps: int = 500) -> None:
