@@ -436,6 +436,9 @@ def main() -> None:
     args = parser.parse_args()
     one, five, _ = os.getloadavg()
     print(f"{torch.get_num_threads()} threads; load average {one:.2f} / {five:.2f}")
+    # torch.optim's first optimizer imports torch._dynamo (~1.8 s here): a cost of any fresh
+    # process that trains, not of either side's loop, so it is paid once before both are timed.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     peak = matmul_peak()
     print(f"fp32 matmul peak (2048^3 sgemm, best of repeats): {peak:.1f} GFLOP/s")
     if args.only in (None, "lenet"):

@@ -177,3 +177,22 @@ def test_mnist1d_preset_is_the_notebooks_and_reaches_the_trainer():
     batches = Batches(data, [3, 4], 4, order="cyclic")
     xb, yb = batches(2)  # examples 8, 9, 0, 1
     assert yb.tolist() == [8, 9, 0, 1, 8, 9, 0, 1] and xb.shape == (2, 4, 1)
+
+
+def test_mnist1d_resmlp_is_the_notebooks_residual_mlp():
+    """The notebook's SparseMLP: h = relu(l1(x)); logits = l3(h + relu(l2(h))), written out here
+    with plain tensors; same init as mnist1d_mlp for the same seed (layers made in one order)."""
+    from ticketlab.train.stacked import plan_stack
+    from ticketlab.zoo.models import build_model
+
+    res = build_model("mnist1d_resmlp", (40,), 10, seed=5)
+    plain = build_model("mnist1d_mlp", (40,), 10, seed=5)
+    for a, b in zip(res.state_dict().values(), plain.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    p = dict(res.named_parameters())
+    x = torch.randn(7, 1, 40)
+    h = torch.relu(x.flatten(1) @ p["linear1.weight"].t() + p["linear1.bias"])
+    h = h + torch.relu(h @ p["linear2.weight"].t() + p["linear2.bias"])
+    expected = h @ p["linear3.weight"].t() + p["linear3.bias"]
+    assert torch.allclose(res(x), expected, atol=1e-6)
+    assert plan_stack(res, x).side_by_side  # networks of it train side by side

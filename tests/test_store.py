@@ -436,3 +436,18 @@ def test_round_trip_of_a_real_training_checkpoint(tmp_path):
                 fresh.state_dict()["state"][i][key], opt.state_dict()["state"][i][key]
             )
     assert back["optimizer"]["param_groups"][0]["betas"] == [0.9, 0.999]  # tuples come back lists
+
+
+def test_write_state_with_shared_and_viewed_tensors(tmp_path):
+    """A state is written without copying its tensors first; ones that share memory (the same
+    tensor twice, two views of one buffer) are still written, each with its own values."""
+    base = torch.arange(12.0)
+    same = torch.randn(3)
+    state = {"a": same, "b": [same, base[:6]], "c": base[6:].view(2, 3), "d": base.view(3, 4).t()}
+    store = RunStore(tmp_path, HASH)
+    store.write_state("s.safetensors", state)
+    back = store.read_state("s.safetensors")
+    assert torch.equal(back["a"], same) and torch.equal(back["b"][0], same)
+    assert torch.equal(back["b"][1], base[:6]) and torch.equal(back["c"], base[6:].view(2, 3))
+    assert torch.equal(back["d"], base.view(3, 4).t())
+    assert torch.equal(base, torch.arange(12.0))  # nothing written into the caller's tensors

@@ -97,7 +97,8 @@ def _tensor_checksum(tensors: dict[str, torch.Tensor], meta: str, config_hash: s
         t = tensors[name].detach().contiguous()
         digest.update(name.encode())
         digest.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # the bytes as they lie (a buffer, not a copy: checkpoints are large)
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
@@ -141,9 +142,19 @@ class RunStore:
 
     # tensors --------------------------------------------------------------------------------
     def write_tensors(
-        self, rel: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None
+        self,
+        rel: str,
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, Any] | None = None,
+        owned: bool = False,
     ) -> None:
-        tensors = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
+        """``owned``: the tensors are the caller's private copies (a checkpoint's are), written
+        as they are; otherwise, and for any that share memory (which safetensors refuses), a
+        copy is written."""
+        if owned:
+            tensors = _unshared({k: v.detach().contiguous() for k, v in tensors.items()})
+        else:
+            tensors = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
         meta_json = json.dumps(meta or {}, sort_keys=True)
         header = {
             "meta": meta_json,
@@ -156,10 +167,12 @@ class RunStore:
         return read_checked_tensors(self.path(rel), self.config_hash)
 
     def write_state(self, rel: str, state: Any) -> None:
-        """A nested structure of tensors, numbers, lists and dicts (a training checkpoint)."""
+        """A nested structure of tensors, numbers, lists and dicts (a training checkpoint), whose
+        tensors are its own copies (``_checkpoint`` and the Ray relay make them so): written
+        without another copy."""
         tensors: dict[str, torch.Tensor] = {}
         skeleton = _flatten(state, tensors)
-        self.write_tensors(rel, tensors, {"skeleton": skeleton})
+        self.write_tensors(rel, tensors, {"skeleton": skeleton}, owned=True)
 
     def read_state(self, rel: str) -> Any:
         tensors, meta = self.read_tensors(rel)
@@ -223,6 +236,16 @@ def read_checked_tensors(
             f"expected {config_hash})"
         )
     return tensors, json.loads(header["meta"])
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if ptr in seen and t.numel() else t
+        seen.add(ptr)
+    return out
 
 
 def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:

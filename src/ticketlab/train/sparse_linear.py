@@ -52,6 +52,14 @@ class BlockPattern:
         self.transpose_order = torch.argsort(cols * (k * out) + rows)
         self.crow_t = _compressed(cols, k * inp)
         self.col_t = rows[self.transpose_order].int()
+        self._zeros: torch.Tensor | None = None
+
+    def zero_matrix(self, like: torch.Tensor) -> torch.Tensor:
+        """The pattern with zero values (``sampled_addmm``'s structure argument), made once: a
+        fill of ``nnz`` zeros every step cost as much as a small layer's product."""
+        if self._zeros is None or self._zeros.dtype != like.dtype:
+            self._zeros = self.matrix(like.new_zeros(self.nnz))
+        return self._zeros
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         return torch.sparse_csr_tensor(
@@ -104,7 +112,7 @@ class BlockSparseLinear(torch.autograd.Function):
         grad = grad.contiguous()
         grad_values = grad_xt = grad_bias = None
         if ctx.needs_input_grad[0]:
-            zeros = pattern.matrix(values.new_zeros(pattern.nnz))
+            zeros = pattern.zero_matrix(values)
             grad_values = torch.sparse.sampled_addmm(zeros, grad, xt.t(), beta=0.0).values()
         if ctx.needs_input_grad[1]:
             grad_xt = pattern.transposed(values) @ grad

@@ -65,6 +65,26 @@ def mnist1d_mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential
     return _mlp(input_shape, [500, 500], num_classes)
 
 
+class ResidualMLP(nn.Module):
+    """The notebook's ``SparseMLP`` exactly: ``h = relu(linear1(x)); h = h + relu(linear2(h))``."""
+
+    def __init__(self, inputs: int, hidden: int, num_classes: int):
+        super().__init__()
+        self.linear1 = nn.Linear(inputs, hidden)  # created in the notebook's order: same init
+        self.linear2 = nn.Linear(hidden, hidden)
+        self.linear3 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.linear1(x.flatten(1)))
+        return self.linear3(h + torch.relu(self.linear2(h)))
+
+
+def mnist1d_resmlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """``mnist1d_mlp`` with the notebook's residual connection around the middle layer; with the
+    same seed its weights are ``mnist1d_mlp``'s (layers are created in the same order)."""
+    return ResidualMLP(_flat_size(input_shape), 500, num_classes)
+
+
 def _conv_net(input_shape: tuple[int, ...], num_classes: int, blocks: list[int]) -> nn.Sequential:
     """Conv-2/4/6 of the LTH paper: pairs of 3x3 convs then max-pool, then fc 256-256-classes."""
     if len(input_shape) != 3:
@@ -351,6 +371,7 @@ def gpt_tiny(
 MODELS: dict[str, ModelBuilder] = {
     "lenet_300_100": lenet_300_100,
     "mnist1d_mlp": mnist1d_mlp,
+    "mnist1d_resmlp": mnist1d_resmlp,
     "conv2": conv2,
     "conv4": conv4,
     "conv6": conv6,
