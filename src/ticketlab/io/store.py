@@ -30,11 +30,16 @@ CONFIG_HASH_KEY = "_config_hash"
 TMP_PREFIX = ".tmp-"
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
+def atomic_write_bytes(path: Path, payload: bytes, durable: bool = True) -> None:
     """Write whole or not at all; a refusal of the file system (disk full, read-only, permission)
-    is one line naming the path (``RunWriteError``), and the previous file, if any, is kept."""
+    is one line naming the path (``RunWriteError``), and the previous file, if any, is kept.
+
+    ``durable=False`` skips the fsyncs: the rename still makes the file whole or absent to any
+    reader while the machine stays up, and only a power cut could leave it torn. For checkpoints,
+    which are checksummed caches (a torn one is discarded and its networks retrain to the same
+    bits), that is the right trade: the fsyncs were a third of a checkpoint's cost."""
     try:
-        _atomic_write_bytes(path, payload)
+        _atomic_write_bytes(path, payload, durable)
     except OSError as exc:
         raise RunWriteError(
             f"cannot write {path}: {exc.strerror or exc}; files already finished are kept, "
@@ -64,7 +69,7 @@ def check_writable_folder(root: Path) -> None:
         ) from None
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+def _atomic_write_bytes(path: Path, payload: bytes, durable: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
     try:
@@ -72,12 +77,15 @@ def _atomic_write_bytes(path: Path, payload: bytes) -> None:
             fh.write(payload)
             fh.flush()
             os.fchmod(fh.fileno(), 0o644)  # mkstemp's 0600 would keep a shared run private
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    if not durable:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -147,10 +155,11 @@ class RunStore:
         tensors: dict[str, torch.Tensor],
         meta: dict[str, Any] | None = None,
         owned: bool = False,
+        durable: bool = True,
     ) -> None:
         """``owned``: the tensors are the caller's private copies (a checkpoint's are), written
         as they are; otherwise, and for any that share memory (which safetensors refuses), a
-        copy is written."""
+        copy is written. ``durable``: see ``atomic_write_bytes``."""
         if owned:
             tensors = _unshared({k: v.detach().contiguous() for k, v in tensors.items()})
         else:
@@ -161,7 +170,7 @@ class RunStore:
             "config_hash": self.config_hash,
             "sha256": _tensor_checksum(tensors, meta_json, self.config_hash),
         }
-        atomic_write_bytes(self.path(rel), st_save(tensors, metadata=header))
+        atomic_write_bytes(self.path(rel), st_save(tensors, metadata=header), durable)
 
     def read_tensors(self, rel: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return read_checked_tensors(self.path(rel), self.config_hash)
@@ -169,10 +178,10 @@ class RunStore:
     def write_state(self, rel: str, state: Any) -> None:
         """A nested structure of tensors, numbers, lists and dicts (a training checkpoint), whose
         tensors are its own copies (``_checkpoint`` and the Ray relay make them so): written
-        without another copy."""
+        without another copy, and without fsync (a checkpoint is a checksummed cache)."""
         tensors: dict[str, torch.Tensor] = {}
         skeleton = _flatten(state, tensors)
-        self.write_tensors(rel, tensors, {"skeleton": skeleton}, owned=True)
+        self.write_tensors(rel, tensors, {"skeleton": skeleton}, owned=True, durable=False)
 
     def read_state(self, rel: str) -> Any:
         tensors, meta = self.read_tensors(rel)
