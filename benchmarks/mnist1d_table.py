@@ -28,7 +28,8 @@ feeds the trainer's curve, which the table does not use).
 
 The notebook's MLP adds a residual connection around the middle layer (``h + relu(linear2(h))``);
 ``mnist1d_mlp`` is the plain 40-500-500-10 MLP, ``--model mnist1d_resmlp`` the notebook's (same
-init, same parameter count; its stacks train through ``RowStack``, without the sparse path).
+init, same parameter count; its stacks train through ``RowStack``, whose sparse layers transpose
+their activations in and out, so its sparse rounds gain less).
 """
 
 from __future__ import annotations
