@@ -76,10 +76,10 @@ def test_disk_full_mid_run_exits_1_and_resume_loses_nothing(capsys, tmp_path, mo
     out = tmp_path / "run"
     real = store_mod._atomic_write_bytes
 
-    def full(path, payload):
+    def full(path, payload, *rest):
         if "level_01" in str(path) and path.name == "metrics.json":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return real(path, payload)
+        return real(path, payload, *rest)
 
     monkeypatch.setattr(store_mod, "_atomic_write_bytes", full)
     code, _, err = run(capsys, ["find", *TINY, "--out", str(out)])

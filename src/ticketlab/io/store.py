@@ -37,7 +37,7 @@ def atomic_write_bytes(path: Path, payload: bytes, durable: bool = True) -> None
     ``durable=False`` skips the fsyncs: the rename still makes the file whole or absent to any
     reader while the machine stays up, and only a power cut could leave it torn. For checkpoints,
     which are checksummed caches (a torn one is discarded and its networks retrain to the same
-    bits), that is the right trade: the fsyncs were a third of a checkpoint's cost."""
+    bits), that is the right trade: a checkpoint is written every few hundred steps."""
     try:
         _atomic_write_bytes(path, payload, durable)
     except OSError as exc:
