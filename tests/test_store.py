@@ -451,3 +451,18 @@ def test_write_state_with_shared_and_viewed_tensors(tmp_path):
     assert torch.equal(back["b"][1], base[:6]) and torch.equal(back["c"], base[6:].view(2, 3))
     assert torch.equal(back["d"], base.view(3, 4).t())
     assert torch.equal(base, torch.arange(12.0))  # nothing written into the caller's tensors
+
+
+def test_checkpoints_skip_fsync_and_results_keep_it(tmp_path, monkeypatch):
+    """A checkpoint (write_state) is a checksummed cache: renamed into place without fsync; a
+    result (write_tensors, write_json) is fsynced, file and folder."""
+    import ticketlab.io.store as store_mod
+
+    synced: list[int] = []
+    monkeypatch.setattr(store_mod.os, "fsync", lambda fd: synced.append(fd))
+    store = RunStore(tmp_path, HASH)
+    store.write_state("ckpt.safetensors", {"w": torch.randn(3)})
+    assert synced == [] and store.read_state("ckpt.safetensors")["w"].shape == (3,)
+    store.write_tensors("final.safetensors", {"w": torch.randn(3)})
+    assert len(synced) == 2
+    assert not list(tmp_path.glob(TMP_PREFIX + "*"))

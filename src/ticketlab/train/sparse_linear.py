@@ -119,8 +119,7 @@ class BlockSparseLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         values, xt = ctx.saved_tensors
         pattern: BlockPattern = ctx.pattern
-        grad = grad.reshape(pattern.shape[0], -1)
-        grad = grad if grad.is_contiguous() else grad.contiguous()
+        grad = grad.reshape(pattern.shape[0], -1).contiguous()  # no copy when it already is
         grad_values = grad_ht = grad_bias = None
         if ctx.needs_input_grad[0]:
             zeros = pattern.zero_matrix(values)
