@@ -28,6 +28,7 @@ from ..core.mask import Mask
 from ..errors import TicketlabError
 from ..train.stacked import State
 from ..zoo.models import build_model
+from . import sparse_kernel
 from .config import Config
 from .run_files import level_dir, load_masks, load_replicates, load_rewind
 from .store import RunStore, read_checked_tensors
@@ -246,19 +247,23 @@ def _tied_aliases(module: nn.Module) -> dict[str, str]:
 
 
 #: Linear layers with fewer weights than this stay dense in ``sparse_inference``: a call of
-#: theirs is mostly overhead, and a CSR call has more of it (LeNet-300-100's 300x100 and 100x10
-#: layers are faster dense at batch 1 and 256 on this CPU; benchmarks/export_speed.py).
-SPARSE_MIN_WEIGHTS = 2**17
+#: theirs is mostly overhead. With the compiled kernel LeNet-300-100's 300x100 layer pays (4x at
+#: batch 256) and its 100x10 layer about breaks even; torch's CSR product has more overhead, so
+#: without the kernel both are faster dense (benchmarks/export_speed.py).
+KERNEL_MIN_WEIGHTS = 2**9
+CSR_MIN_WEIGHTS = 2**17
 
 
 class SparseLinear(nn.Module):
     """``nn.Linear`` with its weight held as CSR (survivors only); inference only.
 
-    ``y = x W^T + b`` as ``(W @ x^T)^T``: CSR times a dense matrix is the product MKL does well;
-    one input row goes through ``addmv``, the cheapest sparse call. Leading dimensions of ``x``
-    are flattened around it, as ``nn.Linear`` allows."""
+    On the CPU in float32 ``y = x W^T + b`` goes through ticketlab's compiled kernel
+    (``sparse_kernel``), several times faster than torch's CSR product on a ticket's layers;
+    otherwise (no C compiler, another dtype or device, gradients wanted through ``x``) through
+    torch's ``(W @ x^T)^T``, MKL's CSR times a dense matrix, one input row through ``addmv``.
+    Leading dimensions of ``x`` are flattened around it, as ``nn.Linear`` allows."""
 
-    def __init__(self, layer: nn.Linear):
+    def __init__(self, layer: nn.Linear, kernel: bool = True):
         super().__init__()
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore")
@@ -266,11 +271,49 @@ class SparseLinear(nn.Module):
         self.bias = None if layer.bias is None else layer.bias.detach().clone()
         self.bias_column = None if self.bias is None else self.bias.unsqueeze(1)
         self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.kernel = (
+            kernel
+            and sparse_kernel.enabled()
+            and self.weight.dtype == torch.float32
+            and self.weight.device.type == "cpu"
+            and self.weight.values().numel() < 2**31
+        )
+        if self.kernel:
+            self.indptr = self.weight.crow_indices().to(torch.int32)
+            self.indices = self.weight.col_indices().to(torch.int32)
+            self.values = self.weight.values().contiguous()
+            self._point_kernel_at_tensors()
+
+    def _point_kernel_at_tensors(self) -> None:
+        self.csr = sparse_kernel.csr_weight(
+            self.indptr, self.indices, self.values, self.bias, self.in_features
+        )
+
+    def __getstate__(self) -> dict:
+        """Pickled without the kernel's raw addresses, which are rebuilt on load."""
+        state = dict(self.__dict__)
+        state.pop("csr", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.kernel:
+            self._point_kernel_at_tensors()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:
             lead = x.shape[:-1]
             return self.forward(x.reshape(-1, self.in_features)).reshape(*lead, -1)
+        if (
+            self.kernel
+            and x.dtype is torch.float32
+            and not x.requires_grad  # the kernel has no backward
+            and x.is_cpu
+            and x.shape[1] == self.in_features  # else torch's product says what does not fit
+        ):
+            compiled = sparse_kernel.load()
+            if compiled is not None:
+                return compiled.linear(x, self.csr, self.out_features)
         if x.shape[0] == 1:
             if self.bias is None:
                 return (self.weight @ x[0]).unsqueeze(0)
@@ -282,19 +325,25 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         nnz = self.weight.values().numel()
         density = nnz / max(1, self.in_features * self.out_features)
-        return f"in={self.in_features}, out={self.out_features}, density={density:.3f}"
+        path = "compiled kernel" if self.kernel and sparse_kernel.load() else "torch CSR"
+        return f"in={self.in_features}, out={self.out_features}, density={density:.3f}, {path}"
 
 
 def sparse_inference(
     model: nn.Module,
     names: list[str] | None = None,
     below: float = 0.5,
-    min_weights: int = SPARSE_MIN_WEIGHTS,
+    min_weights: int | None = None,
+    kernel: bool = True,
 ) -> nn.Module:
     """A copy of ``model`` (any module graph) for CPU inference in which every ``nn.Linear``
     whose weight is in ``names`` (default: whose weight keeps less than ``below`` of its
-    entries) and has at least ``SPARSE_MIN_WEIGHTS`` weights is a ``SparseLinear``; everything
-    else is untouched."""
+    entries) and has at least ``min_weights`` weights (default ``KERNEL_MIN_WEIGHTS`` with the
+    compiled kernel, ``CSR_MIN_WEIGHTS`` without) is a ``SparseLinear``; everything else is
+    untouched. ``kernel=False`` keeps torch's CSR product."""
+    if min_weights is None:
+        compiled = kernel and sparse_kernel.enabled() and sparse_kernel.load() is not None
+        min_weights = KERNEL_MIN_WEIGHTS if compiled else CSR_MIN_WEIGHTS
     sparse = copy.deepcopy(model).eval()
     chosen = []
     for name, layer in sparse.named_modules():
@@ -310,7 +359,7 @@ def sparse_inference(
         if take:
             chosen.append(name)
     for name in chosen:
-        _replace(sparse, name, SparseLinear(sparse.get_submodule(name)))
+        _replace(sparse, name, SparseLinear(sparse.get_submodule(name), kernel=kernel))
     return sparse
 
 

@@ -1,0 +1,218 @@
+/* y = x W^T + b for a CSR weight W, float32, one CPU thread; built by sparse_kernel.py.
+ *
+ * Why a kernel of our own: torch's CSR product (MKL) runs LeNet-300-100's 784x300 layer at 5% of
+ * the weights at ~17 GFLOP/s, too slow to make a ticket much faster than the dense network.
+ * Here, for each tile of 32 input rows, the tile is transposed into a buffer (16x16 blocks in
+ * registers), so that the inputs a surviving weight multiplies are 32 contiguous floats; each
+ * output row then accumulates its survivors as 16-wide vector multiply-adds (GCC/Clang vector
+ * extensions: AVX-512, AVX2 or NEON, whichever -march=native gives) and the tile of outputs is
+ * transposed back. One input row (batch 1) takes a gather loop instead.
+ *
+ * Summation order differs from a dense matmul's (and between the two paths), so results equal
+ * nn.Linear's up to float rounding. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define GROUPS 2
+#define TILE (16 * GROUPS)
+
+typedef float vf __attribute__((vector_size(64), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(64)));
+
+#if defined(__clang__)
+#define INTERLEAVE_LO(a, b) \
+    __builtin_shufflevector(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23)
+#define INTERLEAVE_HI(a, b) \
+    __builtin_shufflevector(a, b, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31)
+#else
+static const vi lo_lanes = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+static const vi hi_lanes = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+#define INTERLEAVE_LO(a, b) __builtin_shuffle(a, b, lo_lanes)
+#define INTERLEAVE_HI(a, b) __builtin_shuffle(a, b, hi_lanes)
+#endif
+
+/* Rows v[0..15] of a 16x16 block become its columns: four rounds of interleaving row i with
+ * row i + 8. */
+static inline void transpose16(vf v[16])
+{
+    for (int round = 0; round < 4; round++) {
+        vf next[16];
+        for (int i = 0; i < 8; i++) {
+            next[2 * i] = INTERLEAVE_LO(v[i], v[i + 8]);
+            next[2 * i + 1] = INTERLEAVE_HI(v[i], v[i + 8]);
+        }
+        for (int i = 0; i < 16; i++) v[i] = next[i];
+    }
+}
+
+#ifdef __AVX512F__
+/* One row's products summed as 16 lanes: x gathered 16 survivors at a time. */
+static inline __m512 row_lanes(const float *restrict x, const int32_t *restrict indices,
+                               const float *restrict data, int32_t k, int32_t end)
+{
+    __m512 acc = _mm512_setzero_ps();
+    for (; k + 16 <= end; k += 16) {
+        __m512i idx = _mm512_loadu_si512((const void *)(indices + k));
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(data + k), _mm512_i32gather_ps(idx, x, 4), acc);
+    }
+    if (k < end) {
+        __mmask16 m = (__mmask16)((1u << (end - k)) - 1u);
+        __m512i idx = _mm512_maskz_loadu_epi32(m, indices + k);
+        __m512 xs = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, x, 4);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, data + k), xs, acc);
+    }
+    return acc;
+}
+#endif
+
+/* One input row: y[r] = b[r] + sum_k data[k] * x[indices[k]]. With AVX-512, 16 rows' lane sums
+ * are reduced together by one 16x16 transpose rather than 16 horizontal reductions. */
+static void csr_vector(const float *restrict x, const int32_t *restrict indptr,
+                       const int32_t *restrict indices, const float *restrict data,
+                       const float *restrict bias, int64_t n_out, float *restrict y)
+{
+    int64_t r = 0;
+#ifdef __AVX512F__
+    for (; r + 16 <= n_out; r += 16) {
+        vf lanes[16];
+        for (int i = 0; i < 16; i++)
+            lanes[i] = (vf)row_lanes(x, indices, data, indptr[r + i], indptr[r + i + 1]);
+        transpose16(lanes);
+        vf sum = bias ? *(const vf *)(bias + r) : (vf){0};
+        for (int i = 0; i < 16; i++) sum += lanes[i];
+        *(vf *)(y + r) = sum;
+    }
+    for (; r < n_out; r++) {
+        const float sum = _mm512_reduce_add_ps(row_lanes(x, indices, data, indptr[r], indptr[r + 1]));
+        y[r] = (bias ? bias[r] : 0.0f) + sum;
+    }
+#else
+    for (; r < n_out; r++) {
+        int32_t k = indptr[r];
+        const int32_t end = indptr[r + 1];
+        float partial[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (; k + 4 <= end; k += 4)
+            for (int i = 0; i < 4; i++) partial[i] += data[k + i] * x[indices[k + i]];
+        for (; k < end; k++) partial[0] += data[k] * x[indices[k]];
+        y[r] = (bias ? bias[r] : 0.0f) + ((partial[0] + partial[1]) + (partial[2] + partial[3]));
+    }
+#endif
+}
+
+/* Rows b0 .. b0+w-1 of x (w <= TILE), as columns of xt[c * TILE + j]; missing rows are zeros. */
+static void gather_tile(const float *restrict x, int64_t w, int64_t n_in, int64_t ldx,
+                        float *restrict xt)
+{
+    int64_t c0 = 0;
+    if (w == TILE) {
+        for (; c0 + 16 <= n_in; c0 += 16)
+            for (int g = 0; g < GROUPS; g++) {
+                vf v[16];
+                for (int j = 0; j < 16; j++) v[j] = *(const vf *)(x + (16 * g + j) * ldx + c0);
+                transpose16(v);
+                for (int c = 0; c < 16; c++) *(vf *)(xt + (c0 + c) * TILE + 16 * g) = v[c];
+            }
+    } else {
+        memset(xt, 0, sizeof(float) * (size_t)n_in * TILE);
+    }
+    for (int64_t c = c0; c < n_in; c++)
+        for (int64_t j = 0; j < w; j++) xt[c * TILE + j] = x[j * ldx + c];
+}
+
+/* yt[r * TILE + j] for j < w, back into rows of y. */
+static void scatter_tile(const float *restrict yt, int64_t w, int64_t n_out, float *restrict y)
+{
+    int64_t r0 = 0;
+    if (w == TILE) {
+        for (; r0 + 16 <= n_out; r0 += 16)
+            for (int g = 0; g < GROUPS; g++) {
+                vf v[16];
+                for (int i = 0; i < 16; i++) v[i] = *(const vf *)(yt + (r0 + i) * TILE + 16 * g);
+                transpose16(v);
+                for (int j = 0; j < 16; j++) *(vf *)(y + (16 * g + j) * n_out + r0) = v[j];
+            }
+    }
+    for (int64_t j = 0; j < w; j++)
+        for (int64_t r = r0; r < n_out; r++) y[j * n_out + r] = yt[r * TILE + j];
+}
+
+/* The tile buffers, kept per thread and grown as needed, 64-byte aligned: a vector load that
+ * straddles two cache lines made LeNet's 784x300 layer at batch 256 1.6x slower. */
+static __thread float *scratch = NULL;
+static __thread size_t scratch_floats = 0;
+
+static float *tile_buffers(size_t floats)
+{
+    if (floats > scratch_floats) {
+        void *grown = NULL;
+        if (posix_memalign(&grown, 64, sizeof(float) * floats) != 0) return NULL;
+        free(scratch);
+        scratch = grown;
+        scratch_floats = floats;
+    }
+    return scratch;
+}
+
+/* A layer's weight, made once by sparse_kernel.py: a call then passes five arguments, not ten
+ * (ctypes converts each one, a visible cost at batch 1). */
+struct ticketlab_csr {
+    const int32_t *indptr;
+    const int32_t *indices;
+    const float *data;
+    const float *bias; /* or NULL */
+    int64_t n_in;
+    int64_t n_out;
+};
+
+/* x: [batch, n_in] with row stride ldx, y: [batch, n_out] contiguous. Returns 0, or -1 when
+ * the tile buffers cannot be allocated. */
+int ticketlab_csr_linear(const struct ticketlab_csr *weight, const float *restrict x,
+                         int64_t batch, int64_t ldx, float *restrict y)
+{
+    const int32_t *restrict indptr = weight->indptr;
+    const int32_t *restrict indices = weight->indices;
+    const float *restrict data = weight->data;
+    const float *restrict bias = weight->bias;
+    const int64_t n_in = weight->n_in, n_out = weight->n_out;
+    if (batch < 4) {
+        for (int64_t b = 0; b < batch; b++)
+            csr_vector(x + b * ldx, indptr, indices, data, bias, n_out, y + b * n_out);
+        return 0;
+    }
+    float *xt = tile_buffers((size_t)(n_in + n_out) * TILE);
+    if (!xt) return -1;
+    float *yt = xt + (size_t)n_in * TILE;
+    for (int64_t b0 = 0; b0 < batch; b0 += TILE) {
+        const int64_t w = batch - b0 < TILE ? batch - b0 : TILE;
+        gather_tile(x + b0 * ldx, w, n_in, ldx, xt);
+        for (int64_t r = 0; r < n_out; r++) {
+            const vf start = (vf){0} + (bias ? bias[r] : 0.0f);
+            vf even[GROUPS], odd[GROUPS];
+            for (int g = 0; g < GROUPS; g++) {
+                even[g] = start;
+                odd[g] = (vf){0};
+            }
+            int32_t k = indptr[r];
+            const int32_t end = indptr[r + 1];
+            for (; k + 2 <= end; k += 2) {
+                const float *p = xt + (int64_t)indices[k] * TILE;
+                const float *q = xt + (int64_t)indices[k + 1] * TILE;
+                for (int g = 0; g < GROUPS; g++) {
+                    even[g] += data[k] * *(const vf *)(p + 16 * g);
+                    odd[g] += data[k + 1] * *(const vf *)(q + 16 * g);
+                }
+            }
+            if (k < end) {
+                const float *p = xt + (int64_t)indices[k] * TILE;
+                for (int g = 0; g < GROUPS; g++) even[g] += data[k] * *(const vf *)(p + 16 * g);
+            }
+            for (int g = 0; g < GROUPS; g++) *(vf *)(yt + r * TILE + 16 * g) = even[g] + odd[g];
+        }
+        scatter_tile(yt, w, n_out, y + b0 * n_out);
+    }
+    return 0;
+}

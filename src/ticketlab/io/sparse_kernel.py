@@ -1,0 +1,212 @@
+"""The compiled CSR kernel behind ``SparseLinear`` on the CPU (``sparse_kernel.c``).
+
+torch's CSR product (MKL) is too slow on a ticket's layers for a sparse network to be much faster
+than its dense self (LeNet-300-100 at 5% of the weights: ~1.8x at batch 256, ~1.0x at batch 1);
+this kernel makes it ~4x and ~1.7x (``benchmarks/export_speed.py``). It is built with the system C
+compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) for this CPU the first time a process needs
+it and cached under ``$XDG_CACHE_HOME/ticketlab/kernels`` (default ``~/.cache/ticketlab/kernels``),
+keyed by the source, compiler, flags and CPU, so later processes only load it. A build that fails,
+or that does not reproduce a dense product on a small check, is reported in one warning and
+``SparseLinear`` keeps torch's CSR product; ``TICKETLAB_SPARSE_KERNEL=0`` chooses that too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SWITCH_ENV = "TICKETLAB_SPARSE_KERNEL"
+SOURCE = Path(__file__).with_name("sparse_kernel.c")
+FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fno-strict-aliasing")
+#: Tried in order: the host's vector width where the compiler knows the flag, else portable code.
+ARCH_FLAGS = (("-march=native",), ("-mcpu=native",), ())
+
+
+class CsrWeight(ctypes.Structure):
+    """``struct ticketlab_csr``: a layer's CSR arrays and sizes, made once per layer. It holds
+    raw addresses, not the tensors: its owner keeps them alive and unchanged."""
+
+    _fields_ = [
+        ("indptr", ctypes.c_void_p),  # int32, n_out + 1
+        ("indices", ctypes.c_void_p),  # int32, one per survivor
+        ("values", ctypes.c_void_p),  # float32, one per survivor
+        ("bias", ctypes.c_void_p),  # float32, n_out, or NULL
+        ("n_in", ctypes.c_int64),
+        ("n_out", ctypes.c_int64),
+    ]
+
+
+@dataclass(frozen=True)
+class CsrKernel:
+    """The loaded shared library's one function, and where it lies."""
+
+    function: ctypes._CFuncPtr
+    path: Path
+
+    def linear(self, x: torch.Tensor, weight: ctypes._Pointer, n_out: int) -> torch.Tensor:
+        """``x W^T + b`` for float32 ``x`` [batch, n_in] on the CPU, W from ``csr_weight``.
+        Every call here is paid per layer per batch: at batch 1 it is a third of the layer."""
+        strides = x.stride()
+        if strides[1] != 1:
+            x = x.contiguous()
+            strides = x.stride()
+        batch = x.shape[0]
+        y = torch.empty(batch, n_out)
+        if self.function(weight, x.data_ptr(), batch, strides[0], y.data_ptr()) != 0:
+            raise MemoryError(f"the sparse kernel could not allocate its buffers (batch {batch})")
+        return y
+
+
+def csr_weight(
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+) -> ctypes._Pointer:
+    """A pointer to the layer's ``CsrWeight``, converted once: a conversion per call is a good
+    part of a call's cost at batch 1. The caller must keep the tensors alive and unchanged."""
+    for tensor, dtype in ((indptr, torch.int32), (indices, torch.int32), (values, torch.float32)):
+        if tensor.dtype != dtype or not tensor.is_contiguous() or not tensor.is_cpu:
+            raise ValueError(f"the sparse kernel takes contiguous CPU {dtype}, not {tensor.dtype}")
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        raise ValueError("the sparse kernel takes a contiguous float32 bias")
+    return ctypes.pointer(
+        CsrWeight(
+            indptr.data_ptr(),
+            indices.data_ptr(),
+            values.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            in_features,
+            indptr.numel() - 1,
+        )
+    )
+
+
+def enabled() -> bool:
+    return os.environ.get(SWITCH_ENV, "1") != "0"
+
+
+@functools.cache
+def load() -> CsrKernel | None:
+    """The kernel, built on first use and checked against a dense product; None (with one
+    warning) when it cannot be had. Cached per process: the library is immutable once loaded."""
+    compiler = _compiler()
+    if compiler is None:
+        warnings.warn(
+            "ticketlab: no C compiler (set $CC) to build the sparse inference kernel; "
+            "SparseLinear uses torch's slower CSR product",
+            stacklevel=2,
+        )
+        return None
+    errors = []
+    for arch in ARCH_FLAGS:
+        try:
+            kernel = _open(_build(compiler, arch))
+        except (OSError, subprocess.SubprocessError) as exc:
+            errors.append(f"{' '.join(arch) or 'portable'}: {str(exc).strip().splitlines()[-1:]}")
+            continue
+        if _agrees_with_dense(kernel):
+            return kernel
+        errors.append(f"{' '.join(arch) or 'portable'}: wrong results on the check")
+    warnings.warn(
+        f"ticketlab: the sparse inference kernel could not be built with {compiler} "
+        f"({'; '.join(errors)}); SparseLinear uses torch's slower CSR product",
+        stacklevel=2,
+    )
+    return None
+
+
+def _compiler() -> str | None:
+    names = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ticketlab" / "kernels"
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        wanted = ("model name", "flags", "Features", "CPU part")
+        return "\n".join(sorted({ln for ln in lines if ln.split(":")[0].strip() in wanted}))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def _build(compiler: str, arch: tuple[str, ...]) -> Path:
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, compiler.encode(), " ".join(FLAGS + arch).encode()])
+        + _cpu_identity().encode()
+    ).hexdigest()[:20]
+    target = _cache_dir() / f"sparse_kernel-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run(
+            [compiler, *FLAGS, *arch, str(SOURCE), "-o", str(built)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        os.replace(built, target)  # atomic: a concurrent process sees the old file or this one
+    return target
+
+
+def _open(path: Path) -> CsrKernel:
+    function = ctypes.CDLL(str(path)).ticketlab_csr_linear
+    function.argtypes = [
+        ctypes.POINTER(CsrWeight),
+        ctypes.c_void_p,  # x
+        ctypes.c_int64,  # batch
+        ctypes.c_int64,  # row stride of x
+        ctypes.c_void_p,  # y
+    ]
+    function.restype = ctypes.c_int
+    return CsrKernel(function, path)
+
+
+def _agrees_with_dense(kernel: CsrKernel) -> bool:
+    """A miscompiled kernel must not ship wrong answers: check both paths (one row, a tile with a
+    ragged end) on a small matrix whose sizes are not multiples of 16."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(37, 53, generator=g) * (torch.rand(37, 53, generator=g) < 0.3)
+    bias = torch.randn(37, generator=g)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        csr = weight.to_sparse_csr()
+        parts = (
+            csr.crow_indices().to(torch.int32),
+            csr.col_indices().to(torch.int32),
+            csr.values().contiguous(),
+            bias,
+        )
+    for batch in (1, 45):
+        x = torch.randn(batch, 53, generator=g)
+        if not torch.allclose(
+            kernel.linear(x, csr_weight(*parts, 53), 37), x @ weight.T + bias, atol=1e-4
+        ):
+            return False
+    return True

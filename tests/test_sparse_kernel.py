@@ -1,0 +1,153 @@
+"""The compiled CSR kernel behind SparseLinear: equal to a dense product written here, on every
+path (one row, a few rows, whole and ragged tiles, sizes off the 16-wide blocks), and never worse
+than torch's CSR product when it cannot be had."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from ticketlab.io import sparse_kernel
+from ticketlab.io.export import SparseLinear, sparse_inference
+
+needs_kernel = pytest.mark.skipif(
+    sparse_kernel.load() is None, reason="no C compiler here to build the sparse kernel"
+)
+
+
+def masked_linear(n_in: int, n_out: int, density: float, bias: bool, seed: int) -> nn.Linear:
+    torch.manual_seed(seed)
+    layer = nn.Linear(n_in, n_out, bias=bias)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand(n_out, n_in) < density)
+    return layer
+
+
+def reference(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The product in float64, by hand: no nn.Linear, no sparse code."""
+    y = x.double() @ layer.weight.detach().double().T
+    if layer.bias is not None:
+        y = y + layer.bias.detach().double()
+    return y
+
+
+SHAPES = [  # (in, out, density): blocks of 16, ragged ends, empty rows, a dense and an empty one
+    (784, 300, 0.05),
+    (53, 37, 0.3),
+    (16, 32, 1.0),
+    (5, 17, 0.5),
+    (100, 33, 0.0),
+    (1, 1, 1.0),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("n_in,n_out,density", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_kernel_equals_the_dense_product_on_every_path(n_in, n_out, density, bias):
+    layer = masked_linear(n_in, n_out, density, bias, seed=n_in + n_out)
+    sparse = SparseLinear(layer)
+    assert sparse.kernel and "compiled kernel" in repr(sparse)
+    with torch.no_grad():
+        for batch in (0, 1, 2, 3, 4, 15, 31, 32, 33, 64, 100):
+            x = torch.randn(batch, n_in)
+            y = sparse(x)
+            assert y.shape == (batch, n_out) and y.dtype == torch.float32 and y.is_contiguous()
+            torch.testing.assert_close(y.double(), reference(layer, x), rtol=1e-5, atol=1e-5)
+            strided = torch.randn(n_in, batch).t()  # rows not contiguous: taken as they are
+            torch.testing.assert_close(
+                sparse(strided).double(), reference(layer, strided), rtol=1e-5, atol=1e-5
+            )
+        x3 = torch.randn(2, 3, n_in)  # leading dimensions, as nn.Linear allows
+        torch.testing.assert_close(sparse(x3).double(), reference(layer, x3), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_the_kernel_is_what_runs():
+    """Not torch's CSR product under another name: with torch's path broken, answers still come."""
+    layer = masked_linear(784, 300, 0.05, True, seed=0)
+    sparse = SparseLinear(layer)
+    sparse.weight = None  # torch's product would fail on this
+    x = torch.randn(64, 784)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x).double(), reference(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_csr_path_when_switched_off_or_not_float32(monkeypatch):
+    layer = masked_linear(53, 37, 0.3, True, seed=1)
+    monkeypatch.setenv(sparse_kernel.SWITCH_ENV, "0")
+    off = SparseLinear(layer)
+    assert not off.kernel and "torch CSR" in repr(off)
+    monkeypatch.delenv(sparse_kernel.SWITCH_ENV)
+    assert not SparseLinear(layer, kernel=False).kernel
+    double = SparseLinear(masked_linear(53, 37, 0.3, True, seed=1).double())
+    assert not double.kernel
+    x = torch.randn(9, 53)
+    with torch.no_grad():
+        torch.testing.assert_close(off(x).double(), reference(layer, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(double(x.double()), reference(layer, x))
+
+
+def test_gradients_through_the_input_take_torchs_path():
+    """The kernel has no backward: an input that wants a gradient gets torch's product and its
+    gradient, equal to autograd through the dense layer."""
+    layer = masked_linear(53, 37, 0.3, True, seed=2)
+    sparse = SparseLinear(layer)
+    x = torch.randn(6, 53, requires_grad=True)
+    sparse(x).sum().backward()
+    expected = layer.weight.detach().sum(0).expand(6, 53)
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_pickles_and_works_after_loading():
+    layer = masked_linear(53, 37, 0.3, True, seed=3)
+    sparse = SparseLinear(layer)
+    buffer = io.BytesIO()
+    torch.save(sparse, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    again = pickle.loads(pickle.dumps(sparse))
+    x = torch.randn(40, 53)
+    with torch.no_grad():
+        for module in (loaded, again):
+            torch.testing.assert_close(
+                module(x).double(), reference(layer, x), rtol=1e-5, atol=1e-5
+            )
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    with pytest.warns(UserWarning, match="could not be built with .*false"):
+        assert sparse_kernel.load.__wrapped__() is None
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(UserWarning, match="no C compiler"):
+        assert sparse_kernel.load.__wrapped__() is None
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-built left behind
+
+
+@needs_kernel
+def test_built_once_then_loaded_from_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = sparse_kernel.load.__wrapped__()
+    assert first is not None and first.path.parent == tmp_path / "ticketlab" / "kernels"
+    stamp = first.path.stat().st_mtime_ns
+    second = sparse_kernel.load.__wrapped__()
+    assert second.path == first.path and second.path.stat().st_mtime_ns == stamp
+    assert [p.name for p in first.path.parent.iterdir()] == [first.path.name]
+
+
+def test_sparse_inference_takes_the_small_layers_only_with_the_kernel():
+    model = nn.Sequential(nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(torch.rand(p.shape) < 0.05)
+    with_kernel = ["SparseLinear", "ReLU", "SparseLinear"]
+    without = ["Linear", "ReLU", "Linear"]  # torch's CSR pays only on larger layers
+    kinds = [type(m).__name__ for m in sparse_inference(model)]
+    assert kinds == (with_kernel if sparse_kernel.load() is not None else without)
+    assert [type(m).__name__ for m in sparse_inference(model, kernel=False)] == without
