@@ -26,9 +26,9 @@ from torch import nn
 
 from ..core.mask import Mask
 from ..errors import TicketlabError
+from ..train import sparse_kernel
 from ..train.stacked import State
 from ..zoo.models import build_model
-from . import sparse_kernel
 from .config import Config
 from .run_files import level_dir, load_masks, load_replicates, load_rewind
 from .store import RunStore, read_checked_tensors

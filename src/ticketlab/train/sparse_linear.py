@@ -9,9 +9,11 @@ optimizer then steps only the survivors too, and pruned weights cannot move: the
 
 The blocks never mix: each output row of every product belongs to one network, so stacking changes
 how the arithmetic is grouped, not what is computed (equal to one-by-one training up to float
-rounding, like the dense path). On this CPU (MKL's CSR kernels, several times below the dense
-matmul's FLOP rate) a sparse step breaks even with the dense one at 20-30% density depending on
-the layer shapes; ``benchmarks/throughput.py`` prints both paths over an IMP schedule.
+rounding, like the dense path). On the CPU in float32 the three products run in ticketlab's
+compiled kernels (``sparse_kernel``; batches of 16 or more), 2-6x faster than torch's CSR kernels,
+whose fixed cost per call was most of a late level's step; elsewhere (GPUs, float64, no C
+compiler) torch's kernels run them. ``benchmarks/throughput.py`` prints both paths over an IMP
+schedule, ``benchmarks/sparse_step.py`` a sparse step.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import warnings
 
 import torch
+
+from . import sparse_kernel
 
 # torch says once per process that CSR support is "beta"; the kernels used here (CSR @ dense,
 # sampled_addmm) are tested against the dense path in tests/test_sparse_linear.py.
@@ -48,6 +52,7 @@ class BlockPattern:
         # int32 indices: what MKL's kernels take (int64 ones would be converted at every call)
         self.crow = _compressed(rows, k * out)
         self.col = cols.int()
+        self.row = rows.int()  # each survivor's row: the compiled weight gradient walks them
         # A^T in CSR: the same values visited column by column of A
         self.transpose_order = torch.argsort(cols * (k * out) + rows)
         self.crow_t = _compressed(cols, k * inp)
@@ -105,10 +110,17 @@ class BlockSparseLinear(torch.autograd.Function):
     def forward(ctx, values, ht, bias, pattern: BlockPattern):
         k, inp, batch = ht.shape
         xt = ht.reshape(k * inp, batch)
+        compiled = _compiled_kernel(values, xt)
+        if compiled is not None:
+            xt, values = xt.contiguous(), values.contiguous()
         ctx.save_for_backward(values, xt)
-        ctx.pattern, ctx.input_shape = pattern, ht.shape
-        a = pattern.matrix(values)
+        ctx.pattern, ctx.input_shape, ctx.compiled = pattern, ht.shape, compiled
         out = xt.new_empty(k, pattern.shape[0] // k, batch)  # returned whole: not a view
+        if compiled is not None:
+            flat_bias = None if bias is None else bias.reshape(-1).contiguous()
+            compiled.rows(pattern.crow, pattern.col, values, flat_bias, xt, out)
+            return out
+        a = pattern.matrix(values)
         if bias is None:
             torch.mm(a, xt, out=out.view(-1, batch))
         else:
@@ -119,16 +131,40 @@ class BlockSparseLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         values, xt = ctx.saved_tensors
         pattern: BlockPattern = ctx.pattern
+        compiled: sparse_kernel.CsrKernel | None = ctx.compiled
         grad = grad.reshape(pattern.shape[0], -1).contiguous()  # no copy when it already is
         grad_values = grad_ht = grad_bias = None
         if ctx.needs_input_grad[0]:
-            zeros = pattern.zero_matrix(values)
-            grad_values = torch.sparse.sampled_addmm(zeros, grad, xt.t(), beta=0.0).values()
+            if compiled is not None:
+                grad_values = compiled.sampled_dot(pattern.row, pattern.col, grad, xt)
+            else:
+                zeros = pattern.zero_matrix(values)
+                grad_values = torch.sparse.sampled_addmm(zeros, grad, xt.t(), beta=0.0).values()
         if ctx.needs_input_grad[1]:
-            grad_ht = (pattern.transposed(values) @ grad).view(ctx.input_shape)
+            if compiled is not None:
+                grad_ht = compiled.rows(
+                    pattern.crow_t,
+                    pattern.col_t,
+                    values[pattern.transpose_order],
+                    None,
+                    grad,
+                    xt.new_empty(ctx.input_shape),
+                )
+            else:
+                grad_ht = (pattern.transposed(values) @ grad).view(ctx.input_shape)
         if ctx.needs_input_grad[2]:
             grad_bias = grad.sum(1, keepdim=True)
         return grad_values, grad_ht, grad_bias, None
+
+
+def _compiled_kernel(values: torch.Tensor, xt: torch.Tensor) -> sparse_kernel.CsrKernel | None:
+    """The compiled kernels where they apply: float32 on the CPU, batches of 16 or more (their
+    16-wide chunks), not switched off; else None and torch's CSR kernels."""
+    if values.dtype != torch.float32 or xt.dtype != torch.float32 or xt.shape[1] < 16:
+        return None
+    if xt.device.type != "cpu" or not sparse_kernel.enabled():
+        return None
+    return sparse_kernel.load()
 
 
 def sparse_linear(

@@ -1,13 +1,18 @@
-"""The compiled CSR kernel behind ``SparseLinear`` on the CPU (``sparse_kernel.c``).
+"""Compiled CSR kernels for the CPU (``sparse_kernel.c``): ``SparseLinear``'s inference product
+and the sparse training path's three products (forward, input gradient, weight gradient at the
+survivors).
 
-torch's CSR product (MKL) is too slow on a ticket's layers for a sparse network to be much faster
-than its dense self (LeNet-300-100 at 5% of the weights: ~1.8x at batch 256, ~1.0x at batch 1);
-this kernel makes it ~4x and ~1.7x (``benchmarks/export_speed.py``). It is built with the system C
-compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) for this CPU the first time a process needs
-it and cached under ``$XDG_CACHE_HOME/ticketlab/kernels`` (default ``~/.cache/ticketlab/kernels``),
-keyed by the source, compiler, flags and CPU, so later processes only load it. A build that fails,
-or that does not reproduce a dense product on a small check, is reported in one warning and
-``SparseLinear`` keeps torch's CSR product; ``TICKETLAB_SPARSE_KERNEL=0`` chooses that too.
+torch's CSR kernels (MKL) run a ticket's layers at a small fraction of the dense matmul's rate and
+pay a large fixed cost per call: an exported LeNet-300-100 at 5% of the weights was only ~1.8x its
+dense self at batch 256 and ~1.0x at batch 1 (now ~4x and ~1.5x, ``benchmarks/export_speed.py``),
+and a sparse training step was mostly that overhead (``benchmarks/sparse_step.py``).
+
+The library is built with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) for
+this CPU the first time a process needs it and cached under ``$XDG_CACHE_HOME/ticketlab/kernels``
+(default ``~/.cache/ticketlab/kernels``), keyed by the source, compiler, flags and CPU, so later
+processes only load it. A build that fails, or that does not reproduce float64 products on a small
+check, is reported in one warning and torch's CSR kernels are used instead;
+``TICKETLAB_SPARSE_KERNEL=0`` chooses that too.
 """
 
 from __future__ import annotations
@@ -49,9 +54,11 @@ class CsrWeight(ctypes.Structure):
 
 @dataclass(frozen=True)
 class CsrKernel:
-    """The loaded shared library's one function, and where it lies."""
+    """The loaded shared library's functions, and where it lies."""
 
-    function: ctypes._CFuncPtr
+    linear_function: ctypes._CFuncPtr
+    rows_function: ctypes._CFuncPtr
+    dot_function: ctypes._CFuncPtr
     path: Path
 
     def linear(self, x: torch.Tensor, weight: ctypes._Pointer, n_out: int) -> torch.Tensor:
@@ -63,9 +70,48 @@ class CsrKernel:
             strides = x.stride()
         batch = x.shape[0]
         y = torch.empty(batch, n_out)
-        if self.function(weight, x.data_ptr(), batch, strides[0], y.data_ptr()) != 0:
+        if self.linear_function(weight, x.data_ptr(), batch, strides[0], y.data_ptr()) != 0:
             raise MemoryError(f"the sparse kernel could not allocate its buffers (batch {batch})")
         return y
+
+    def rows(
+        self,
+        indptr: torch.Tensor,
+        indices: torch.Tensor,
+        values: torch.Tensor,
+        bias: torch.Tensor | None,
+        xt: torch.Tensor,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """``out = A @ xt (+ bias per row)`` for features-first ``xt`` [n_cols, batch], batch >=
+        16, A in int32 CSR; every tensor contiguous float32 (int32 indices) on the CPU."""
+        self.rows_function(
+            indptr.data_ptr(),
+            indices.data_ptr(),
+            values.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            indptr.numel() - 1,
+            xt.data_ptr(),
+            xt.shape[1],
+            out.data_ptr(),
+        )
+        return out
+
+    def sampled_dot(
+        self, rows: torch.Tensor, indices: torch.Tensor, gt: torch.Tensor, xt: torch.Tensor
+    ) -> torch.Tensor:
+        """``(gt @ xt^T)`` at the survivors only: one value per (rows[k], indices[k])."""
+        out = torch.empty(rows.numel(), dtype=torch.float32)
+        self.dot_function(
+            rows.data_ptr(),
+            indices.data_ptr(),
+            rows.numel(),
+            gt.data_ptr(),
+            xt.data_ptr(),
+            xt.shape[1],
+            out.data_ptr(),
+        )
+        return out
 
 
 def csr_weight(
@@ -176,37 +222,71 @@ def _build(compiler: str, arch: tuple[str, ...]) -> Path:
 
 
 def _open(path: Path) -> CsrKernel:
-    function = ctypes.CDLL(str(path)).ticketlab_csr_linear
-    function.argtypes = [
+    library = ctypes.CDLL(str(path))
+    linear = library.ticketlab_csr_linear
+    linear.argtypes = [
         ctypes.POINTER(CsrWeight),
         ctypes.c_void_p,  # x
         ctypes.c_int64,  # batch
         ctypes.c_int64,  # row stride of x
         ctypes.c_void_p,  # y
     ]
-    function.restype = ctypes.c_int
-    return CsrKernel(function, path)
+    linear.restype = ctypes.c_int
+    rows = library.ticketlab_csr_rows
+    rows.argtypes = [
+        ctypes.c_void_p,  # indptr
+        ctypes.c_void_p,  # indices
+        ctypes.c_void_p,  # values
+        ctypes.c_void_p,  # bias or NULL
+        ctypes.c_int64,  # rows
+        ctypes.c_void_p,  # xt
+        ctypes.c_int64,  # batch
+        ctypes.c_void_p,  # out
+    ]
+    rows.restype = None
+    dot = library.ticketlab_sampled_dot
+    dot.argtypes = [
+        ctypes.c_void_p,  # rows
+        ctypes.c_void_p,  # indices
+        ctypes.c_int64,  # nnz
+        ctypes.c_void_p,  # gt
+        ctypes.c_void_p,  # xt
+        ctypes.c_int64,  # batch
+        ctypes.c_void_p,  # out
+    ]
+    dot.restype = None
+    return CsrKernel(linear, rows, dot, path)
 
 
 def _agrees_with_dense(kernel: CsrKernel) -> bool:
-    """A miscompiled kernel must not ship wrong answers: check both paths (one row, a tile with a
-    ragged end) on a small matrix whose sizes are not multiples of 16."""
+    """A miscompiled kernel must not ship wrong answers: check every path (one row, a tile with a
+    ragged end; features-first rows with an overlapping last chunk) on a small matrix whose sizes
+    are not multiples of 16, against float64 products."""
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(37, 53, generator=g) * (torch.rand(37, 53, generator=g) < 0.3)
     bias = torch.randn(37, generator=g)
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore")
         csr = weight.to_sparse_csr()
-        parts = (
-            csr.crow_indices().to(torch.int32),
-            csr.col_indices().to(torch.int32),
-            csr.values().contiguous(),
-            bias,
-        )
+    indptr = csr.crow_indices().to(torch.int32)
+    indices = csr.col_indices().to(torch.int32)
+    values = csr.values().contiguous()
+    w64 = weight.double()
+
+    def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+        return torch.allclose(got.double(), want, atol=1e-4, rtol=1e-4)
+
+    weight_pointer = csr_weight(indptr, indices, values, bias, 53)
     for batch in (1, 45):
         x = torch.randn(batch, 53, generator=g)
-        if not torch.allclose(
-            kernel.linear(x, csr_weight(*parts, 53), 37), x @ weight.T + bias, atol=1e-4
-        ):
+        if not close(kernel.linear(x, weight_pointer, 37), x.double() @ w64.T + bias.double()):
             return False
-    return True
+    xt = torch.randn(53, 21, generator=g)
+    gt = torch.randn(37, 21, generator=g)
+    rows_of = torch.repeat_interleave(torch.arange(37), indptr[1:] - indptr[:-1]).int()
+    forward = kernel.rows(indptr, indices, values, bias, xt, torch.empty(37, 21))
+    sampled = kernel.sampled_dot(rows_of, indices, gt, xt)
+    full = gt.double() @ xt.double().T
+    return close(forward, w64 @ xt.double() + bias.double()[:, None]) and close(
+        sampled, full[rows_of.long(), indices.long()]
+    )

@@ -216,3 +216,84 @@ int ticketlab_csr_linear(const struct ticketlab_csr *weight, const float *restri
     }
     return 0;
 }
+
+/* ---- Training: features-first activations, rows of `batch` contiguous floats ----------------
+ *
+ * The stacked trainer's sparse path (train/sparse_linear.py) keeps activations as [features,
+ * batch], so a survivor's inputs are already one contiguous row and no transpose is needed. Rows
+ * are covered by 16-wide chunks; when batch is not a multiple of 16 the last chunk starts at
+ * batch - 16 and overlaps the one before it. Every lane is summed in the order of the survivors,
+ * so the overlapping lanes are computed twice identically. batch < 16 is not taken here. */
+
+static inline __attribute__((always_inline)) void
+rows_chunks(const float *restrict xt, int64_t batch, const int32_t *restrict indices,
+            const float *restrict values, int32_t k0, int32_t k1, float start, float *restrict out,
+            int64_t first_chunk, const int n)
+{
+    int64_t off[4];
+    vf acc[4];
+    for (int i = 0; i < n; i++) {
+        const int64_t o = 16 * (first_chunk + i);
+        off[i] = o + 16 <= batch ? o : batch - 16;
+        acc[i] = (vf){0} + start;
+    }
+    for (int32_t k = k0; k < k1; k++) {
+        const float v = values[k];
+        const float *p = xt + (int64_t)indices[k] * batch;
+        for (int i = 0; i < n; i++) acc[i] += v * *(const vf *)(p + off[i]);
+    }
+    for (int i = 0; i < n; i++) *(vf *)(out + off[i]) = acc[i];
+}
+
+/* yt[r, :] = bias[r] + sum over row r's survivors k of values[k] * xt[indices[k], :]. */
+void ticketlab_csr_rows(const int32_t *restrict indptr, const int32_t *restrict indices,
+                        const float *restrict values, const float *restrict bias, int64_t n_rows,
+                        const float *restrict xt, int64_t batch, float *restrict yt)
+{
+    const int64_t chunks = (batch + 15) / 16;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const float start = bias ? bias[r] : 0.0f;
+        for (int64_t c = 0; c < chunks; c += 4) {
+            const int64_t n = chunks - c < 4 ? chunks - c : 4;
+            float *out = yt + r * batch;
+            if (n == 4)
+                rows_chunks(xt, batch, indices, values, indptr[r], indptr[r + 1], start, out, c, 4);
+            else if (n == 3)
+                rows_chunks(xt, batch, indices, values, indptr[r], indptr[r + 1], start, out, c, 3);
+            else if (n == 2)
+                rows_chunks(xt, batch, indices, values, indptr[r], indptr[r + 1], start, out, c, 2);
+            else
+                rows_chunks(xt, batch, indices, values, indptr[r], indptr[r + 1], start, out, c, 1);
+        }
+    }
+}
+
+/* out[k] = sum over the batch of gt[rows[k], :] * xt[indices[k], :]: the weight gradient at the
+ * survivors only. Lanes of 16 survivors are reduced together by one 16x16 transpose. */
+void ticketlab_sampled_dot(const int32_t *restrict rows, const int32_t *restrict indices,
+                           int64_t nnz, const float *restrict gt, const float *restrict xt,
+                           int64_t batch, float *restrict out)
+{
+    const int64_t chunks = (batch + 15) / 16;
+    const int64_t last = batch - 16;
+    vf tail_mask; /* the last chunk's lanes that the chunk before it already covered are zeroed */
+    for (int j = 0; j < 16; j++) tail_mask[j] = last + j >= 16 * (chunks - 1) ? 1.0f : 0.0f;
+    for (int64_t k0 = 0; k0 < nnz; k0 += 16) {
+        const int64_t m = nnz - k0 < 16 ? nnz - k0 : 16;
+        vf lanes[16];
+        for (int64_t i = 0; i < m; i++) {
+            const float *g = gt + (int64_t)rows[k0 + i] * batch;
+            const float *x = xt + (int64_t)indices[k0 + i] * batch;
+            vf acc = (vf){0};
+            for (int64_t c = 0; c + 1 < chunks; c++)
+                acc += *(const vf *)(g + 16 * c) * *(const vf *)(x + 16 * c);
+            acc += (*(const vf *)(g + last) * tail_mask) * *(const vf *)(x + last);
+            lanes[i] = acc;
+        }
+        for (int64_t i = m; i < 16; i++) lanes[i] = (vf){0};
+        transpose16(lanes);
+        vf sum = lanes[0];
+        for (int i = 1; i < 16; i++) sum += lanes[i];
+        for (int64_t i = 0; i < m; i++) out[k0 + i] = sum[i];
+    }
+}
