@@ -35,7 +35,14 @@ from ..core.mask import Mask
 from ..errors import TicketlabError
 from ..zoo.data import Dataset
 from . import augment as augmentation
-from .device import Placement, configure_determinism, default_lanes, placement, to_cpu
+from .device import (
+    Placement,
+    configure_determinism,
+    default_lanes,
+    denormals_flushed,
+    placement,
+    to_cpu,
+)
 from .sparse_linear import SPARSE_BELOW
 from .stacked import (
     Stack,
@@ -414,6 +421,21 @@ def train_stack(
     checkpointer: Checkpointer | None = None,
     sparse_below: float = SPARSE_BELOW,
     plan: StackPlan | None = None,
+) -> list[Result]:
+    """Train one stack, in the calling thread, with denormals flushed (``denormals_flushed``)."""
+    with denormals_flushed():
+        return _train_stack(template, jobs, data, spec, progress, checkpointer, sparse_below, plan)
+
+
+def _train_stack(
+    template: nn.Module,
+    jobs: Sequence[Job],
+    data: Dataset,
+    spec: TrainSpec,
+    progress: Progress | None,
+    checkpointer: Checkpointer | None,
+    sparse_below: float,
+    plan: StackPlan | None,
 ) -> list[Result]:
     dtype = getattr(torch, spec.dtype)
     where = spec.placement()
