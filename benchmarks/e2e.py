@@ -35,6 +35,10 @@ train dense matrices). Then a breakdown of ticketlab's time by what it was spent
 wrapping the trainer's pieces (with stacks training side by side, lane-seconds are summed over the
 lanes and divided by the lane count).
 
+``--plain-flush-denormals`` also runs the plain loop a second time with denormals flushed in its
+thread, as ticketlab's trainer does (``ticketlab.train.device.denormals_flushed``): the issue's
+plain loop does not do it, but a user who knows about denormals would, so both ratios are printed.
+
 The machine is shared: run it alone (or at ``nice -n -10``); the ratio is measured side by side.
 """
 
@@ -67,6 +71,7 @@ from ticketlab.core.mask import Mask, layer_groups, prunable_names
 from ticketlab.io.config import resolve
 from ticketlab.studies import imp
 from ticketlab.train import trainer
+from ticketlab.train.device import denormals_flushed
 from ticketlab.train.trainer import Job, TrainSpec
 from ticketlab.zoo.data import Dataset, load_dataset
 from ticketlab.zoo.models import build_model
@@ -394,7 +399,7 @@ def plain_round(data: Dataset, steps: int) -> Callable[[list[Job]], list[Trained
     return lambda jobs: [train_one(job) for job in jobs]
 
 
-def run_mnist1d(peak: float, steps: int, trials: int = 2) -> None:
+def run_mnist1d(peak: float, steps: int, trials: int = 2, flushed_plain: bool = False) -> None:
     data = mnist1d_full_train()
     print(
         f"\nMNIST-1D grid (mnist1d_table.py's schedule): {len(SPARSITIES)} rounds, {trials} "
@@ -404,6 +409,9 @@ def run_mnist1d(peak: float, steps: int, trials: int = 2) -> None:
     lab_rounds, lab_ticket = mnist1d_grid(data, trials, steps, ticketlab_round(data, steps))
     plain_rounds, plain_ticket = mnist1d_grid(data, trials, steps, plain_round(data, steps))
     t_lab, t_plain = sum(lab_rounds), sum(plain_rounds)
+    if flushed_plain:
+        with denormals_flushed():
+            flushed_rounds, _ = mnist1d_grid(data, trials, steps, plain_round(data, steps))
     weights = 40 * 500 + 500 * 500 + 500 * 10
     networks = trials + 2 * trials * (len(SPARSITIES) - 1)
     work = 6 * weights * MNIST1D_BATCH * steps * networks
@@ -414,6 +422,12 @@ def run_mnist1d(peak: float, steps: int, trials: int = 2) -> None:
     print(f"  ticketlab   {t_lab:8.1f} s   {pct(t_lab)} of peak end to end (dense-equivalent)")
     print(f"  plain loop  {t_plain:8.1f} s   {pct(t_plain)} of peak end to end")
     print(f"  ratio plain / ticketlab: {t_plain / t_lab:.2f}")
+    if flushed_plain:
+        t_flushed = sum(flushed_rounds)
+        print(
+            f"  plain loop, denormals flushed {t_flushed:8.1f} s   {pct(t_flushed)} of peak; "
+            f"ratio / ticketlab: {t_flushed / t_lab:.2f}"
+        )
     print("  per round (s):  sparsity ticketlab plain   ticket acc: ticketlab plain published")
     for i, sparsity in enumerate(SPARSITIES):
         print(
@@ -433,6 +447,11 @@ def main() -> None:
     parser.add_argument("--replicates", type=int, default=2)
     parser.add_argument("--mnist1d-steps", type=int, default=MNIST1D_STEPS)
     parser.add_argument("--only", choices=("lenet", "mnist1d"), default=None)
+    parser.add_argument(
+        "--plain-flush-denormals",
+        action="store_true",
+        help="also time the plain loop with denormals flushed, as ticketlab's trainer runs",
+    )
     args = parser.parse_args()
     one, five, _ = os.getloadavg()
     print(f"{torch.get_num_threads()} threads; load average {one:.2f} / {five:.2f}")
@@ -442,12 +461,14 @@ def main() -> None:
     peak = matmul_peak()
     print(f"fp32 matmul peak (2048^3 sgemm, best of repeats): {peak:.1f} GFLOP/s")
     if args.only in (None, "lenet"):
-        run_lenet(peak, args.levels, args.replicates, args.steps)
+        run_lenet(peak, args.levels, args.replicates, args.steps, args.plain_flush_denormals)
     if args.only in (None, "mnist1d"):
-        run_mnist1d(peak, args.mnist1d_steps)
+        run_mnist1d(peak, args.mnist1d_steps, flushed_plain=args.plain_flush_denormals)
 
 
-def run_lenet(peak: float, levels: int, replicates: int, steps: int) -> None:
+def run_lenet(
+    peak: float, levels: int, replicates: int, steps: int, flushed_plain: bool = False
+) -> None:
     data = load_dataset(DATA, 0.1, 0)
     work = flops(levels, replicates, steps, data)
     dense_levels = [lv for lv in range(levels + 1) if density(lv) >= SPARSE_FROM]
@@ -460,6 +481,9 @@ def run_lenet(peak: float, levels: int, replicates: int, steps: int) -> None:
         t_lab, lab_levels, pieces = ticketlab_search(levels, replicates, steps, Path(tmp) / "run")
     plain_levels = plain_search(data, levels, replicates, steps)
     t_plain = sum(plain_levels)
+    if flushed_plain:
+        with denormals_flushed():
+            flushed_levels = plain_search(data, levels, replicates, steps)
 
     def pct(total_flops: float, seconds: float) -> str:
         return f"{total_flops / seconds / 1e9 / peak:4.0%}"
@@ -479,6 +503,14 @@ def run_lenet(peak: float, levels: int, replicates: int, steps: int) -> None:
         f"  ratio plain / ticketlab: {t_plain / t_lab:.2f} (whole search), "
         f"{plain_dense / lab_dense:.2f} (dense levels)"
     )
+    if flushed_plain:
+        t_flushed = sum(flushed_levels)
+        flushed_dense = sum(flushed_levels[lv] for lv in dense_levels)
+        print(
+            f"  plain loop, denormals flushed {t_flushed:8.1f} s; ratio / ticketlab: "
+            f"{t_flushed / t_lab:.2f} (whole search), "
+            f"{flushed_dense / lab_dense:.2f} (dense levels)"
+        )
     print("  per level (s):  level density ticketlab plain")
     for lv in range(levels + 1):
         print(
