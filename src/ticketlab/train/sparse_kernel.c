@@ -1,4 +1,7 @@
-/* y = x W^T + b for a CSR weight W, float32, one CPU thread; built by sparse_kernel.py.
+/* ticketlab's CSR products, float32, one CPU thread each; built by sparse_kernel.py. Inference:
+ * y = x W^T + b (ticketlab_csr_linear). Training on features-first activations, at the end of
+ * this file: A @ X^T and A^T @ G (ticketlab_csr_rows), the weight gradient at the survivors
+ * (ticketlab_sampled_dot).
  *
  * Why a kernel of our own: torch's CSR product (MKL) runs LeNet-300-100's 784x300 layer at 5% of
  * the weights at ~17 GFLOP/s, too slow to make a ticket much faster than the dense network.
