@@ -267,3 +267,18 @@ def test_dry_run_plans_a_set_that_is_not_downloaded_yet(tmp_path, monkeypatch, c
     stand_in = data_module.stand_in("cifar10")  # the real sizes, 45,000 / 5,000 / 10,000
     assert stand_in.x_train.shape == (45_000, 3, 32, 32) and stand_in.x_test.shape[0] == 10_000
     assert stand_in.num_classes == 10
+
+
+def test_training_flushes_denormals_only_while_it_trains():
+    """Denormals cost microcode assists; training flushes them in its thread and leaves the
+    thread as torch starts it."""
+    from ticketlab.train.device import denormals_flushed
+
+    tiny = torch.tensor([1e-39])  # below float32's smallest normal, 1.2e-38
+    assert (tiny * 1.0).item() != 0.0
+    with denormals_flushed():
+        flushed = (tiny * 1.0).item()
+    assert (tiny * 1.0).item() != 0.0
+    supported = torch.set_flush_denormal(True)  # whether this CPU can flush at all
+    torch.set_flush_denormal(False)
+    assert flushed == (0.0 if supported else tiny.item())
