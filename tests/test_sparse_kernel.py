@@ -119,7 +119,7 @@ def test_pickles_and_works_after_loading():
             )
 
 
-def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
     with pytest.warns(UserWarning, match="could not be built with .*false"):
@@ -193,7 +193,6 @@ def test_training_kernels_are_used_and_torchs_give_the_same_steps(monkeypatch):
     """A whole training run on the kernels equals one on torch's CSR kernels up to float rounding
     (same masks, same data order), and the kernels are what ran."""
     from ticketlab.core.mask import Mask, prunable_names
-    from ticketlab.train import sparse_linear as module
     from ticketlab.train.trainer import Job, TrainSpec, train
     from ticketlab.zoo.data import load_dataset
     from ticketlab.zoo.models import build_model
@@ -221,4 +220,16 @@ def test_training_kernels_are_used_and_torchs_give_the_same_steps(monkeypatch):
             torch.testing.assert_close(a.final[name], b.final[name], rtol=1e-4, atol=1e-5)
             if name in keep:
                 assert not a.final[name][~keep[name]].any()  # pruned weights stay exactly zero
-    assert module.SPARSE_BELOW > 0.05  # the layers above did train on the sparse path
+
+
+def test_a_bad_switch_value_is_refused_in_one_line(monkeypatch, capsys, tmp_path):
+    from test_fs_refusals import TINY, one_line
+    from ticketlab.cli import main
+    from ticketlab.errors import TicketlabError
+
+    monkeypatch.setenv(sparse_kernel.SWITCH_ENV, "off")
+    with pytest.raises(TicketlabError, match="must be 0 or 1, not 'off'"):
+        sparse_kernel.enabled()
+    assert main(["find", *TINY, "--out", str(tmp_path / "run")]) == 2
+    assert "TICKETLAB_SPARSE_KERNEL must be 0 or 1" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "run" / "level_00").exists()  # refused before any training

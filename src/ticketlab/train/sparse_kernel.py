@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import TicketlabError
+
 SWITCH_ENV = "TICKETLAB_SPARSE_KERNEL"
 SOURCE = Path(__file__).with_name("sparse_kernel.c")
 FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fno-strict-aliasing")
@@ -141,7 +143,12 @@ def csr_weight(
 
 
 def enabled() -> bool:
-    return os.environ.get(SWITCH_ENV, "1") != "0"
+    """``$TICKETLAB_SPARSE_KERNEL``: unset or 1 uses the kernels, 0 torch's CSR products; any
+    other value is refused (a misspelt "off" must not silently keep them on)."""
+    value = os.environ.get(SWITCH_ENV, "1").strip()
+    if value not in ("0", "1"):
+        raise TicketlabError(f"{SWITCH_ENV} must be 0 or 1, not {value!r}")
+    return value == "1"
 
 
 @functools.cache

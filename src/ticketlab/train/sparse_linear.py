@@ -10,11 +10,10 @@ optimizer then steps only the survivors too, and pruned weights cannot move: the
 The blocks never mix: each output row of every product belongs to one network, so stacking changes
 how the arithmetic is grouped, not what is computed (equal to one-by-one training up to float
 rounding, like the dense path). On the CPU in float32 the three products run in ticketlab's
-compiled kernels (``sparse_kernel``; batches of 16 or more): torch's CSR kernels pay a large
-fixed cost per call, most of a late level's step (LeNet-300-100's first layer, 3 networks at 3.6%
-of the weights, batch 60: ~1 ms for the three products through torch, 0.36 ms through ours);
-elsewhere (GPUs, float64, no C compiler) torch's kernels run them. ``benchmarks/throughput.py``
-prints both paths over an IMP schedule, ``benchmarks/sparse_step.py`` a sparse step.
+compiled kernels (``sparse_kernel``; batches of 16 or more), because torch's CSR kernels pay a
+large fixed cost per call (``benchmarks/sparse_step.py`` with and without
+``TICKETLAB_SPARSE_KERNEL=0``); elsewhere (GPUs, float64, no C compiler) torch's kernels run
+them. ``benchmarks/throughput.py`` prints both paths over an IMP schedule.
 """
 
 from __future__ import annotations

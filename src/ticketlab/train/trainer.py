@@ -35,6 +35,7 @@ from ..core.mask import Mask
 from ..errors import TicketlabError
 from ..zoo.data import Dataset
 from . import augment as augmentation
+from . import sparse_kernel
 from .device import (
     Placement,
     configure_determinism,
@@ -229,6 +230,7 @@ def train(
     """
     where = spec.placement()
     configure_determinism(where.device)
+    sparse_kernel.enabled()  # a bad $TICKETLAB_SPARSE_KERNEL is refused before any training
     data = place_data(data, getattr(torch, spec.dtype), where.device)
     if lanes is None:
         lanes = default_lanes(where.device)
