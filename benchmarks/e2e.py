@@ -33,7 +33,8 @@ to end (dense-equivalent FLOPs: 6 x weights x samples per training step plus 2 x
 per evaluation), over the whole search and over the dense levels (density >= 20%, where both sides
 train dense matrices). Then a breakdown of ticketlab's time by what it was spent on, measured by
 wrapping the trainer's pieces (with stacks training side by side, lane-seconds are summed over the
-lanes and divided by the lane count).
+lanes and divided by the lane count). ticketlab's lanes are forked processes by default
+(``ticketlab.train.process_lanes``); ``TICKETLAB_LANES=threads`` times the thread lanes instead.
 
 ``--plain-flush-denormals`` also runs the plain loop a second time with denormals flushed in its
 thread, as ticketlab's trainer does (``ticketlab.train.device.denormals_flushed``): the issue's
@@ -46,11 +47,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
 import os
 import tempfile
-import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,6 +72,7 @@ from ticketlab.io.config import resolve
 from ticketlab.studies import imp
 from ticketlab.train import trainer
 from ticketlab.train.device import denormals_flushed
+from ticketlab.train.process_lanes import lane_kind
 from ticketlab.train.trainer import Job, TrainSpec
 from ticketlab.zoo.data import Dataset, load_dataset
 from ticketlab.zoo.models import build_model
@@ -227,23 +228,31 @@ def plain_search(data: Dataset, levels: int, replicates: int, steps: int) -> lis
 
 
 class Breakdown:
-    """Seconds spent inside wrapped functions, summed over threads (lanes)."""
+    """Seconds spent inside wrapped functions, summed over lanes, threads or forked processes
+    alike: the sums live in shared memory made before any lane starts."""
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.lock = threading.Lock()
+    def __init__(self, slots: int = 16) -> None:
+        self.shared = multiprocessing.get_context("fork").Array("d", slots)
+        self.labels: list[str] = []
         self.undo: list[Callable[[], None]] = []
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return {label: self.shared[i] for i, label in enumerate(self.labels)}
 
     def wrap(self, owner: object, attr: str, label: str) -> None:
         original = getattr(owner, attr)
+        slot = len(self.labels)
+        self.labels.append(label)
+        shared = self.shared
 
         def timed(*args, **kwargs):
             t = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                with self.lock:
-                    self.seconds[label] += time.perf_counter() - t
+                with shared.get_lock():
+                    shared[slot] += time.perf_counter() - t
 
         setattr(owner, attr, timed)
         self.undo.append(lambda: setattr(owner, attr, original))
@@ -290,7 +299,7 @@ def ticketlab_search(levels: int, replicates: int, steps: int, out: Path):
     finally:
         imp.train_level = original_train_level
         pieces.restore()
-    return time.perf_counter() - start, level_seconds, dict(pieces.seconds)
+    return time.perf_counter() - start, level_seconds, pieces.seconds
 
 
 # ------------------------------------------------------------------------------------------
@@ -454,7 +463,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     one, five, _ = os.getloadavg()
-    print(f"{torch.get_num_threads()} threads; load average {one:.2f} / {five:.2f}")
+    print(
+        f"{torch.get_num_threads()} threads; ticketlab's parallel stacks as {lane_kind()} "
+        f"($TICKETLAB_LANES); load average {one:.2f} / {five:.2f}"
+    )
     # torch.optim's first optimizer imports torch._dynamo (~1.8 s here): a cost of any fresh
     # process that trains, not of either side's loop, so it is paid once before both are timed.
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])

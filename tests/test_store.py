@@ -283,6 +283,9 @@ def test_damaged_checkpoint_costs_a_retrain_not_the_result(runs, tmp_path, capsy
 
     for module, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
         monkeypatch.setattr(module, name, no_pickle)
+    # process lanes hand their results to the parent pickled over a pipe (bytes the run made, not
+    # the file's); thread lanes read the checkpoint through the same code, with nothing in between
+    monkeypatch.setenv("TICKETLAB_LANES", "threads")
     code, _, err = find(capsys, root)
     assert code == 0, err
     warnings = [line for line in err.splitlines() if "warning" in line]

@@ -381,7 +381,12 @@ def test_grouped_and_looped_convolutions_agree(digits, monkeypatch):
         assert_close(a, b)
 
 
-def test_stacks_cut_evenly_and_train_side_by_side(digits):
+LANE_KINDS = ["processes", "threads"]
+
+
+@pytest.mark.parametrize("kind", LANE_KINDS)
+def test_stacks_cut_evenly_and_train_side_by_side(digits, kind, monkeypatch):
+    monkeypatch.setenv("TICKETLAB_LANES", kind)
     template, jobs = make_jobs("lenet_300_100", digits, n=5)
     assert trainer._chunk_bounds(template, 5, None, 2) == [(0, 3), (3, 5)]
     assert trainer._chunk_bounds(template, 5, 2, 2) == [(0, 2), (2, 4), (4, 5)]
@@ -396,7 +401,11 @@ def test_stacks_cut_evenly_and_train_side_by_side(digits):
         assert_close(a, b)
 
 
-def test_side_by_side_stacks_checkpoint_and_resume(digits):
+@pytest.mark.parametrize("kind", LANE_KINDS)
+def test_side_by_side_stacks_checkpoint_and_resume(digits, kind, monkeypatch):
+    """In processes the children's checkpoints reach the parent's checkpointers (which write
+    them), and a resume from them is bit-identical."""
+    monkeypatch.setenv("TICKETLAB_LANES", kind)
     template, jobs = make_jobs("lenet_300_100", digits, n=4)
     s = spec(steps=30, dtype="float32")
     assert chunk_count(template, len(jobs), None, lanes=2) == 2
@@ -410,11 +419,14 @@ def test_side_by_side_stacks_checkpoint_and_resume(digits):
         checkpointers=[MemoryCheckpointer(10, c.saved[1]) for c in first],
         lanes=2,
     )
+    assert [[st["step"] for st in c.saved] for c in first] == [[10, 20, 30]] * 2
     for a, b in zip(full, resumed, strict=True):
         assert_identical(a, b)
 
 
-def test_a_failing_stack_stops_the_others(digits):
+@pytest.mark.parametrize("kind", LANE_KINDS)
+def test_a_failing_stack_stops_the_others(digits, kind, monkeypatch):
+    monkeypatch.setenv("TICKETLAB_LANES", kind)
     template, jobs = make_jobs("lenet_300_100", digits, n=2)
     broken = Job({k: v[..., :3] for k, v in jobs[1].init.items()}, jobs[1].mask, 1)
     ticks: list[int] = []

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -44,6 +45,7 @@ from .device import (
     placement,
     to_cpu,
 )
+from .process_lanes import lane_kind, train_in_processes
 from .sparse_linear import SPARSE_BELOW
 from .stacked import (
     Stack,
@@ -231,6 +233,7 @@ def train(
     where = spec.placement()
     configure_determinism(where.device)
     sparse_kernel.enabled()  # a bad $TICKETLAB_SPARSE_KERNEL is refused before any training
+    lane_kind()  # and so is a bad $TICKETLAB_LANES
     data = place_data(data, getattr(torch, spec.dtype), where.device)
     if lanes is None:
         lanes = default_lanes(where.device)
@@ -241,10 +244,21 @@ def train(
     bounds = _group_bounds(template, [j.start_step for j in by_density], stack_size, lanes)
     chunks = [by_density[a:b] for a, b in bounds]
 
-    def run_chunk(c: int, chunk_progress: Progress | None) -> list[Result]:
-        checkpointer = checkpointers[c] if checkpointers else None
+    def run_chunk(
+        c: int,
+        chunk_progress: Progress | None,
+        checkpointer: Checkpointer | None,
+        ask: Callable[[int, int, State], bool] | None = None,
+    ) -> list[Result]:
+        """``ask``: in a process lane, how a job's ``on_eval`` reaches the parent's callback."""
+        jobs = chunks[c]
+        if ask is not None:
+            jobs = [
+                dataclasses.replace(j, on_eval=functools.partial(ask, i)) if j.on_eval else j
+                for i, j in enumerate(jobs)
+            ]
         return train_stack(
-            template, chunks[c], data, spec, chunk_progress, checkpointer, sparse_below, plan
+            template, jobs, data, spec, chunk_progress, checkpointer, sparse_below, plan
         )
 
     parallel = _lane_count(template, plan, len(chunks), lanes)
@@ -261,10 +275,19 @@ def train(
             train_stack, shared, chunks, checkpointers or [], progress, threads
         )
         trained = [r for stack in stacks for r in stack]
+    elif parallel > 1 and _in_processes(jobs, where, sparse_below):
+        watchers = [[j.on_eval for j in chunk] for chunk in chunks]
+        trained = train_in_processes(
+            run_chunk, len(chunks), parallel, progress, checkpointers, watchers
+        )
     elif parallel > 1:
-        trained = _train_in_lanes(run_chunk, len(chunks), parallel, progress)
+        trained = _train_in_lanes(run_chunk, len(chunks), parallel, progress, checkpointers)
     else:
-        trained = [r for c in range(len(chunks)) for r in run_chunk(c, progress)]
+        trained = [
+            r
+            for c in range(len(chunks))
+            for r in run_chunk(c, progress, checkpointers[c] if checkpointers else None)
+        ]
     placed = dict(zip(order, trained, strict=True))
     return [placed[i] for i in range(len(jobs))]
 
@@ -367,11 +390,23 @@ class _Cancelled(Exception):
     """Raised inside a lane when another lane failed or the caller was interrupted."""
 
 
+def _in_processes(jobs: Sequence[Job], where: Placement, sparse_below: float) -> bool:
+    """Whether parallel stacks train in forked processes (``process_lanes``) rather than threads:
+    on the CPU, unless ``$TICKETLAB_LANES`` says threads. The sparse kernel is loaded here first,
+    so the children inherit it instead of each loading (or building) their own."""
+    if lane_kind() != "processes" or not where.on_cpu:
+        return False
+    if any(j.mask.density() < sparse_below for j in jobs) and sparse_kernel.enabled():
+        sparse_kernel.load()
+    return True
+
+
 def _train_in_lanes(
-    run_chunk: Callable[[int, Progress | None], list[Result]],
+    run_chunk: Callable[[int, Progress | None, Checkpointer | None], list[Result]],
     n_chunks: int,
     lanes: int,
     progress: Progress | None,
+    checkpointers: Sequence[Checkpointer | None] | None = None,
 ) -> list[Result]:
     """Run the stacks on ``lanes`` threads with one intra-op thread each; results in stack order.
 
@@ -392,7 +427,7 @@ def _train_in_lanes(
         torch.set_num_threads(1)  # this thread's OpenMP/MKL pool; restored below for the caller
         if stop.is_set():
             raise _Cancelled
-        return run_chunk(c, lane_progress)
+        return run_chunk(c, lane_progress, checkpointers[c] if checkpointers else None)
 
     threads_before = torch.get_num_threads()
     pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="ticketlab-lane")

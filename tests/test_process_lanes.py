@@ -1,0 +1,212 @@
+"""Parallel stacks in forked processes: the same bits as thread lanes, errors and deaths reported,
+no child outliving its parent, and settings that act or are refused."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_trainer import make_jobs, random_mask, state_of
+from ticketlab.errors import TicketlabError
+from ticketlab.train import process_lanes, trainer
+from ticketlab.train.trainer import Job, TrainSpec, train
+from ticketlab.zoo.data import Dataset, load_dataset
+from ticketlab.zoo.models import build_model
+
+pytestmark = pytest.mark.skipif(not process_lanes.fork_available(), reason="needs fork (Linux)")
+
+
+@pytest.fixture(scope="module")
+def digits() -> Dataset:
+    d = load_dataset("digits")
+    return Dataset(
+        d.name, d.x_train[:128], d.y_train[:128], d.x_val[:96], d.y_val[:96], d.x_test, d.y_test
+    )
+
+
+def sparse_jobs(data: Dataset, n: int) -> tuple[torch.nn.Module, list[Job]]:
+    """LeNet-300-100 at 97% sparsity: float32 stacks that take the sparse path and its kernels."""
+    template = build_model("lenet_300_100", data.input_shape, data.num_classes, seed=0)
+    jobs = []
+    for i in range(n):
+        net = build_model("lenet_300_100", data.input_shape, data.num_classes, seed=10 + i)
+        jobs.append(Job(state_of(net), random_mask(net, 0.97, seed=i), data_seed=i))
+    return template, jobs
+
+
+def test_processes_give_the_bits_threads_give(digits, monkeypatch):
+    template, jobs = sparse_jobs(digits, 4)
+    dense_template, dense_jobs = make_jobs("lenet_300_100", digits, n=3)
+    s = TrainSpec(steps=25, batch_size=16, lr=3e-3, eval_every=10)
+    out = {}
+    for kind in ("threads", "processes"):
+        monkeypatch.setenv("TICKETLAB_LANES", kind)
+        out[kind] = train(template, jobs, digits, s, lanes=2) + train(
+            dense_template, dense_jobs, digits, s, lanes=2
+        )
+    for a, b in zip(out["threads"], out["processes"], strict=True):
+        for name in a.final:
+            assert torch.equal(a.final[name], b.final[name]), name
+        for name in a.early_stop or {}:
+            assert torch.equal(a.early_stop[name], b.early_stop[name]), name
+        assert a.curve == b.curve
+        assert (a.early_stop_iter, a.final_test_acc) == (b.early_stop_iter, b.final_test_acc)
+    for result, job in zip(out["processes"][:4], jobs, strict=True):  # pruned weights stay zero
+        for name, keep in job.mask.tensors.items():
+            assert not result.final[name][~keep].any(), name
+
+
+def test_a_child_that_dies_is_an_error_naming_its_exit_code(digits, monkeypatch):
+    monkeypatch.setenv("TICKETLAB_LANES", "processes")
+    template, jobs = sparse_jobs(digits, 2)
+    real = trainer.train_stack
+
+    def dies_on_the_second(template, jobs, *args, **kwargs):
+        if jobs[0].data_seed == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
+        return real(template, jobs, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_stack", dies_on_the_second)
+    s = TrainSpec(steps=10, batch_size=16, lr=3e-3, eval_every=10)
+    with pytest.raises(TicketlabError, match=r"exit code -9"):
+        train(template, jobs, digits, s, lanes=2)
+
+
+@pytest.mark.parametrize("kind", ["processes", "threads"])
+def test_on_eval_callbacks_run_in_this_process_and_stop_their_stack(digits, kind, monkeypatch):
+    """A job's ``on_eval`` may keep what it sees (early-bird does): in process lanes it is called
+    here, with the child's weights, and its answer stops the child's stack as it would alone."""
+    monkeypatch.setenv("TICKETLAB_LANES", kind)
+    template, jobs = sparse_jobs(digits, 2)
+    seen: list[tuple[int, int, float]] = []
+
+    def watcher(i: int):
+        def record(step: int, weights) -> bool:
+            seen.append((i, step, float(weights["1.weight"].abs().sum())))
+            return i == 0 or step >= 20  # job 0 is done at once, job 1 at step 20
+
+        return record
+
+    watched = [Job(j.init, j.mask, j.data_seed, on_eval=watcher(i)) for i, j in enumerate(jobs)]
+    s = TrainSpec(steps=50, batch_size=16, lr=3e-3, eval_every=10)
+    results = train(template, watched, digits, s, lanes=2)
+    assert sorted((i, step) for i, step, _ in seen) == [(0, 0), (1, 0), (1, 10), (1, 20)]
+    assert results[0].curve["iteration"] == [0.0]
+    assert results[1].curve["iteration"] == [0.0, 10.0, 20.0]
+    at_20 = next(norm for i, step, norm in seen if (i, step) == (1, 20))
+    assert at_20 == float(results[1].final["1.weight"].abs().sum())
+
+
+def test_a_misspelt_lane_kind_is_refused(digits, monkeypatch):
+    template, jobs = sparse_jobs(digits, 2)
+    monkeypatch.setenv("TICKETLAB_LANES", "process")
+    s = TrainSpec(steps=10, batch_size=16, lr=3e-3, eval_every=10)
+    with pytest.raises(TicketlabError, match="TICKETLAB_LANES must be one of processes, threads"):
+        train(template, jobs, digits, s, lanes=2)
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text()
+        found |= {int(c) for c in text.split()}
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for its new parent to reap it."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def test_killing_the_parent_kills_its_children(tmp_path):
+    """A parent killed with SIGKILL mid-training leaves no stack training on (which would hold
+    the run folder's lock and keep writing)."""
+    if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
+        pytest.skip("no /proc/.../children here")
+    script = tmp_path / "parent.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            sys.path.insert(0, sys.argv[1])
+            from test_process_lanes import sparse_jobs
+            from ticketlab.train.trainer import TrainSpec, train
+            from ticketlab.zoo.data import load_dataset
+            data = load_dataset("digits")
+            template, jobs = sparse_jobs(data, 2)
+            spec = TrainSpec(steps=10**7, batch_size=16, lr=3e-3, eval_every=10**6)
+            train(template, jobs, data, spec, lanes=2, progress=lambda n: print("go", flush=True))
+            """
+        )
+    )
+    env = {**os.environ, "TICKETLAB_LANES": "processes"}
+    parent = subprocess.Popen(
+        [sys.executable, str(script), str(Path(__file__).parent)],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == b"go"
+        children = _children(parent.pid)
+        assert len(children) == 2
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_running(c) for c in children):
+        time.sleep(0.05)
+    alive = [c for c in children if _running(c)]
+    for c in alive:
+        os.kill(c, signal.SIGKILL)
+    assert not alive
+
+
+def test_forking_after_this_process_trained_with_its_own_threads_does_not_hang(tmp_path):
+    """One stack in this process (2 intra-op threads using MKL), then two in process lanes, over
+    and over, in a fresh interpreter without ``MKL_DISABLE_FAST_MM``: the pattern of a search
+    whose levels have one network, then several. (Alternating *thread lanes* with process lanes
+    did hang a child within five rounds here; the trainer never does that by default.)"""
+    code = """
+        import os, torch
+        from ticketlab.core.mask import Mask, prunable_names
+        from ticketlab.train.trainer import Job, TrainSpec, train
+        from ticketlab.zoo.data import load_dataset
+        from ticketlab.zoo.models import build_model
+        torch.set_num_threads(2)
+        data = load_dataset("mnist1d")
+        template = build_model("mnist1d_mlp", data.input_shape, data.num_classes, seed=0)
+        names = prunable_names(template)
+        jobs = []
+        for i in range(2):
+            net = build_model("mnist1d_mlp", data.input_shape, data.num_classes, seed=i)
+            state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            jobs.append(Job(state, Mask.ones_like({n: state[n] for n in names}), data_seed=i))
+        spec = TrainSpec(steps=30, batch_size=100, eval_every=30)
+        for _ in range(12):
+            train(template, jobs[:1], data, spec)
+            train(template, jobs, data, spec, lanes=2)
+        print("done")
+    """
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MKL_DISABLE_FAST_MM", "TICKETLAB_LANES")
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-2000:]
