@@ -105,12 +105,18 @@ def test_on_eval_callbacks_run_in_this_process_and_stop_their_stack(digits, kind
     assert at_20 == float(results[1].final["1.weight"].abs().sum())
 
 
-def test_a_misspelt_lane_kind_is_refused(digits, monkeypatch):
+def test_a_misspelt_lane_kind_is_refused_in_one_line(digits, monkeypatch, capsys, tmp_path):
+    from test_fs_refusals import TINY, one_line
+    from ticketlab.cli import main
+
     template, jobs = sparse_jobs(digits, 2)
     monkeypatch.setenv("TICKETLAB_LANES", "process")
     s = TrainSpec(steps=10, batch_size=16, lr=3e-3, eval_every=10)
     with pytest.raises(TicketlabError, match="TICKETLAB_LANES must be one of processes, threads"):
         train(template, jobs, digits, s, lanes=2)
+    assert main(["find", *TINY, "--out", str(tmp_path / "run")]) == 2
+    assert "TICKETLAB_LANES must be one of" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "run" / "level_00").exists()  # refused before any training
 
 
 def _children(pid: int) -> set[int]:

@@ -2,9 +2,9 @@
 
 Why not threads: a small stack's step (the MNIST-1D MLP at a sparse round, LeNet-300-100's late
 levels) is mostly Python and operator dispatch, which hold the GIL, so two thread lanes take turns
-instead of running at once. Measured here (``benchmarks/lanes.py``): four MNIST-1D networks at 1%
-density as two thread lanes of two took 3.4 ms a step, no faster than the four in one lane
-(3.1 ms), while two processes each training two ran at 1.9–2.1 ms a step side by side.
+instead of running at once. Measured here (``benchmarks/lanes.py``, wall ms per step of two lanes
+of two networks): MNIST-1D's MLP at 1% density 3.54 as threads, 2.92 as processes; LeNet-300-100's
+level 15, 3 networks a lane, 3.62 and 2.42; dense stacks within 10% (their matmuls release the GIL).
 
 Forking shares what the stacks need (template, data set, jobs, the loaded sparse kernel) without
 copying or pickling it. Each child trains its stacks with one intra-op thread, as a thread lane

@@ -9,9 +9,10 @@ weights are exactly zero at every step and the forward pass does no extra work.
 
 Speed (see benchmarks/throughput.py): the step loop does no work that is not needed every step
 (batches gathered with one ``index_select`` into reused buffers, all-true masks skipped, losses
-folded into the curve only at evaluations, fused Adam called without torch.optim's per-call
-bookkeeping); and when there are several stacks, ``train`` runs them side by side, one CPU thread
-each, instead of one after another with every operation split over the threads.
+folded into the curve only at evaluations, fused Adam); and when there are several stacks,
+``train`` runs them side by side, one core and one intra-op thread each (forked processes on
+Linux, see ``process_lanes``; threads elsewhere), instead of one after another with every
+operation split over the threads.
 """
 
 from __future__ import annotations
@@ -220,10 +221,11 @@ def train(
     together lets the sparse networks of a sweep train on the sparse path, which a stack takes
     only when all its networks are sparse.
 
-    With several stacks and several CPU threads, the stacks train side by side, one thread each:
-    on a small CPU that beats one stack whose every operation is split over the threads, and it
-    does not collapse when another process takes a core. ``lanes``: how many stacks may train at
-    once (default: torch's intra-op thread count; 1 = one after another).
+    With several stacks and several CPU threads, the stacks train side by side, one thread each
+    (in forked processes where ``process_lanes.lane_kind`` says so, each with its own GIL): on a
+    small CPU that beats one stack whose every operation is split over the threads, and it does
+    not collapse when another process takes a core. ``lanes``: how many stacks may train at
+    once (default: torch's intra-op thread count; 1 = one after another, in this process).
 
     ``plan``: how the networks of a stack run together (default: ``plan_stack`` on this data).
 
