@@ -136,9 +136,11 @@ def _running(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
-def test_killing_the_parent_kills_its_children(tmp_path):
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+def test_killing_the_parent_kills_its_children(tmp_path, how):
     """A parent killed with SIGKILL mid-training leaves no stack training on (which would hold
-    the run folder's lock and keep writing)."""
+    the run folder's lock and keep writing); Ctrl-C (SIGINT to the parent alone here) ends the
+    parent with KeyboardInterrupt (Python then exits as killed by SIGINT) and its children."""
     if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
         pytest.skip("no /proc/.../children here")
     script = tmp_path / "parent.py"
@@ -153,7 +155,11 @@ def test_killing_the_parent_kills_its_children(tmp_path):
             data = load_dataset("digits")
             template, jobs = sparse_jobs(data, 2)
             spec = TrainSpec(steps=10**7, batch_size=16, lr=3e-3, eval_every=10**6)
-            train(template, jobs, data, spec, lanes=2, progress=lambda n: print("go", flush=True))
+            said = []
+            def progress(n):
+                if not said:
+                    said.append(print("go", flush=True))
+            train(template, jobs, data, spec, lanes=2, progress=progress)
             """
         )
     )
@@ -161,12 +167,19 @@ def test_killing_the_parent_kills_its_children(tmp_path):
     parent = subprocess.Popen(
         [sys.executable, str(script), str(Path(__file__).parent)],
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         env=env,
     )
     try:
         assert parent.stdout is not None and parent.stdout.readline().strip() == b"go"
         children = _children(parent.pid)
         assert len(children) == 2
+        parent.send_signal(how)
+        code = parent.wait(timeout=30)
+        if how == signal.SIGKILL:
+            assert code == -signal.SIGKILL
+        else:
+            assert code == -signal.SIGINT and b"KeyboardInterrupt" in parent.stderr.read()
     finally:
         parent.kill()
         parent.wait()

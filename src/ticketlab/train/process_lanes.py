@@ -113,8 +113,8 @@ class _ThrottledProgress:
 
 
 def _send(conn: Connection, message: tuple[str, Any]) -> None:
-    # plain pickle: torch's multiprocessing reductions would move each tensor through its own
-    # shared-memory file descriptor, which costs more than copying these small states
+    # plain pickle copies each tensor's bytes; multiprocessing's own pickler, with torch's
+    # reductions, would instead pass every tensor as a shared-memory file descriptor (one each)
     conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
 
@@ -144,6 +144,10 @@ def _child(
     parent: int,
 ) -> None:
     _die_with(parent)
+    # Ctrl-C is the parent's to handle (it ends the children); a handler the parent installed
+    # for SIGTERM must not run here when the parent ends this child
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # the parent's stdout/stderr may be a progress display's proxy, whose lock another thread
     # could have held at the fork: write to the real streams
     sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
