@@ -20,9 +20,9 @@ One hazard, measured: MKL's buffer manager can leave a child forked from a proce
 ``benchmarks/lanes.py``, which alternates thread and process lanes, hung within five rounds).
 Process lanes therefore never share a process with thread lanes by default: with lanes as
 processes, every parallel stack runs in one, ``on_eval`` jobs included. Forking after the
-parent's own intra-op threads used MKL did not hang (25 rounds, ``tests/test_process_lanes.py``).
-Starting the process with ``MKL_DISABLE_FAST_MM=1`` in its environment removes the hazard (MKL
-reads it from the environment the process started with: setting it from Python has no effect).
+parent's own intra-op threads used MKL did not hang (12 rounds, ``tests/test_process_lanes.py``).
+Starting the process with ``MKL_DISABLE_FAST_MM=1`` in its environment removed the hazard here
+(24 alternating rounds of 24), while setting it from Python, even before importing torch, did not.
 Off Linux ``fork`` is not safe with the libraries torch loads, and the trainer keeps threads.
 """
 
