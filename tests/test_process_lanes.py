@@ -147,7 +147,9 @@ def test_killing_the_parent_kills_its_children(tmp_path, how):
     script.write_text(
         textwrap.dedent(
             """
-            import sys
+            import signal, sys
+            # as an interactive Python would: a background job (CI's) starts with SIGINT ignored
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             sys.path.insert(0, sys.argv[1])
             from test_process_lanes import sparse_jobs
             from ticketlab.train.trainer import TrainSpec, train
