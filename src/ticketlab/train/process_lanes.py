@@ -16,13 +16,14 @@ the others; a child that dies without a word (killed, out of memory) is an error
 code; a child whose parent is killed dies too.
 
 One hazard, measured: MKL's buffer manager can leave a child forked from a process in which
-*threads that used MKL have come and gone* spinning forever (``mm_account_ptr_by_tid`` in gdb;
-``benchmarks/lanes.py``, which alternates thread and process lanes, hung within five rounds).
+*threads that used MKL have come and gone* spinning forever (``mm_account_ptr_by_tid`` in gdb).
+``benchmarks/lanes.py``, which times thread lanes and then process lanes, hung at its dense stacks,
+and a one-off loop alternating the two hung within five rounds.
 Process lanes therefore never share a process with thread lanes by default: with lanes as
 processes, every parallel stack runs in one, ``on_eval`` jobs included. Forking after the
 parent's own intra-op threads used MKL did not hang (12 rounds, ``tests/test_process_lanes.py``).
-Starting the process with ``MKL_DISABLE_FAST_MM=1`` in its environment removed the hazard here
-(24 alternating rounds of 24), while setting it from Python, even before importing torch, did not.
+Starting the process with ``MKL_DISABLE_FAST_MM=1`` in its environment removed the hazard in that
+loop (24 rounds of 24, one-off), while setting it from Python, even before importing torch, did not.
 Off Linux ``fork`` is not safe with the libraries torch loads, and the trainer keeps threads.
 """
 
@@ -55,7 +56,7 @@ _TERMINATE_WAIT_S = 5.0
 Progress = Callable[[int], None]
 #: (job index within the stack, step, that network's weights) -> its ``on_eval`` answer
 Ask = Callable[[int, int, Any], bool]
-RunChunk = Callable[[int, Progress, Any, Ask | None], list[Any]]
+RunChunk = Callable[[int, Progress, Any, Ask], list[Any]]
 
 
 def fork_available() -> bool:
@@ -136,12 +137,7 @@ def _die_with(parent: int) -> None:
 
 
 def _child(
-    run_chunk: RunChunk,
-    chunk: int,
-    checkpointer: Any,
-    watched: bool,
-    conn: Connection,
-    parent: int,
+    run_chunk: RunChunk, chunk: int, checkpointer: Any, conn: Connection, parent: int
 ) -> None:
     _die_with(parent)
     # Ctrl-C is the parent's to handle (it ends the children); a handler the parent installed
@@ -161,7 +157,7 @@ def _child(
             _send(conn, ("eval", (job, step, weights)))
             return pickle.loads(conn.recv_bytes())
 
-        results = run_chunk(chunk, progress, relayed, ask if watched else None)
+        results = run_chunk(chunk, progress, relayed, ask)
         progress.flush()
         _send(conn, ("done", results))
     except BaseException as exc:  # noqa: BLE001 - every failure is reported to the parent
@@ -198,10 +194,9 @@ def train_in_processes(
     def start(c: int) -> None:
         ours, theirs = context.Pipe()
         checkpointer = checkpointers[c] if checkpointers else None
-        watched = any(w is not None for w in watchers[c])
         process = context.Process(
             target=_child,
-            args=(run_chunk, c, checkpointer, watched, theirs, os.getpid()),
+            args=(run_chunk, c, checkpointer, theirs, os.getpid()),
             name=f"ticketlab-lane-{c}",
             daemon=True,
         )

@@ -235,7 +235,7 @@ def train(
     where = spec.placement()
     configure_determinism(where.device)
     sparse_kernel.enabled()  # a bad $TICKETLAB_SPARSE_KERNEL is refused before any training
-    lane_kind()  # and so is a bad $TICKETLAB_LANES
+    lanes_as = lane_kind()  # and so is a bad $TICKETLAB_LANES
     data = place_data(data, getattr(torch, spec.dtype), where.device)
     if lanes is None:
         lanes = default_lanes(where.device)
@@ -252,7 +252,8 @@ def train(
         checkpointer: Checkpointer | None,
         ask: Callable[[int, int, State], bool] | None = None,
     ) -> list[Result]:
-        """``ask``: in a process lane, how a job's ``on_eval`` reaches the parent's callback."""
+        """``ask``: in a process lane, how a job's ``on_eval`` reaches the parent's callback
+        (jobs without one keep None: they never ask)."""
         jobs = chunks[c]
         if ask is not None:
             jobs = [
@@ -277,7 +278,7 @@ def train(
             train_stack, shared, chunks, checkpointers or [], progress, threads
         )
         trained = [r for stack in stacks for r in stack]
-    elif parallel > 1 and _in_processes(jobs, where, sparse_below):
+    elif parallel > 1 and _in_processes(lanes_as, jobs, where, sparse_below):
         watchers = [[j.on_eval for j in chunk] for chunk in chunks]
         trained = train_in_processes(
             run_chunk, len(chunks), parallel, progress, checkpointers, watchers
@@ -392,11 +393,13 @@ class _Cancelled(Exception):
     """Raised inside a lane when another lane failed or the caller was interrupted."""
 
 
-def _in_processes(jobs: Sequence[Job], where: Placement, sparse_below: float) -> bool:
+def _in_processes(
+    lanes_as: str, jobs: Sequence[Job], where: Placement, sparse_below: float
+) -> bool:
     """Whether parallel stacks train in forked processes (``process_lanes``) rather than threads:
-    on the CPU, unless ``$TICKETLAB_LANES`` says threads. The sparse kernel is loaded here first,
-    so the children inherit it instead of each loading (or building) their own."""
-    if lane_kind() != "processes" or not where.on_cpu:
+    on the CPU, unless ``lanes_as`` (``lane_kind()``) says threads. The sparse kernel is loaded
+    here first, so the children inherit it instead of each loading (or building) their own."""
+    if lanes_as != "processes" or not where.on_cpu:
         return False
     if any(j.mask.density() < sparse_below for j in jobs) and sparse_kernel.enabled():
         sparse_kernel.load()
