@@ -1,7 +1,7 @@
 """Reproduce the MNIST-1D lottery-ticket table (Greydanus, notebooks/lottery_tickets.ipynb).
 
     .venv/bin/python benchmarks/mnist1d_table.py              # one round per listed sparsity
-    .venv/bin/python benchmarks/mnist1d_table.py --faithful   # the notebook's 100 rounds, 1% each
+    .venv/bin/python benchmarks/mnist1d_table.py --faithful   # the notebook's rounds: sparsity i/99
     .venv/bin/python benchmarks/mnist1d_table.py --faithful --state runs/mnist1d_table  # resumable
 
 The notebook's setup, as ticketlab's ``mnist1d_mlp`` and its preset now follow it: MLP
@@ -15,10 +15,20 @@ the layer groups, as the notebook's random pruning ranks the whole layer), train
 init. Test accuracy at the end
 of training, as the notebook reports it.
 
-Schedules: by default round r prunes straight to the table's sparsity s_r from round r-1's mask;
-``--faithful`` runs the notebook's schedule (sparsity 0, .01, ..., .99: 100 rounds) and reads the
-table's rows off it. The random-mask controls do not depend on the chain, so they train only at the
-table's sparsities. With ``--state DIR`` every finished round is kept in DIR (checksummed, through
+Two quirks of the notebook's loop are followed too. Its pruning ranks the weights of
+``results['checkpoints'][-1]``, and with ``checkpoint_every=1000`` (the default of its
+``get_model_args``, which the notebook does not override) that is the copy taken at loop step
+1000 of 1501, after 1,001 updates: a round is pruned from its weights at update 1,001, not from
+its final weights (``--prune-final`` ranks the final weights instead). Its schedule is
+``np.linspace(0, 1, 100)``, so round i is at sparsity i/99 and the table's ".95" row is round 94,
+at 0.9495 (the notebook's log prints sparsity with ``{:.2f}``).
+
+Schedules: by default round r prunes straight to the table's row r (at the notebook's sparsity
+for that row, 0.4545 for ".45", ..., 0.9495 for ".95") from round r-1's mask;
+``--faithful`` runs the notebook's schedule (sparsity i/99, i = 0..98; its 100th round, at
+sparsity 1, keeps nothing) and reads the table's rows off the rounds whose sparsity prints as the
+row's. The random-mask controls do not depend on the chain, so they train only at the table's
+sparsities. With ``--state DIR`` every finished round is kept in DIR (checksummed, through
 ``ticketlab.io.store``), and rerunning the command continues where it stopped.
 
 Data: the 4,000/1,000 MNIST-1D split from ``ticketlab.zoo.data`` (generated offline with the
@@ -104,15 +114,36 @@ def control_jobs(
 
 
 def schedule(faithful: bool) -> list[float]:
-    return [i / 100 for i in range(100)] if faithful else list(SPARSITIES)
+    """The rounds' sparsities: the notebook's i/99, all of them or only the table's rows' rounds."""
+    rounds = range(99) if faithful else [round(s * 99) for s in SPARSITIES]
+    return [i / 99 for i in rounds]
+
+
+def table_row(sparsity: float) -> float | None:
+    """The table's row that ``sparsity`` prints as (``{:.2f}``, as the notebook logs), if any."""
+    printed = round(sparsity, 2)
+    return printed if any(abs(printed - s) < 1e-9 for s in SPARSITIES) else None
+
+
+def notebook_checkpoint(steps: int, every: int = 1000) -> int:
+    """Updates done when the notebook copies the model it prunes from: the last multiple of its
+    ``checkpoint_every`` among loop steps 0..steps, copied after that step's update."""
+    return min(every * (steps // every) + 1, steps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=1501, help="training steps per round")
     parser.add_argument("--trials", type=int, default=2)
-    parser.add_argument("--faithful", action="store_true", help="the notebook's 100 rounds")
+    parser.add_argument(
+        "--faithful", action="store_true", help="the notebook's rounds, sparsity i/99"
+    )
     parser.add_argument("--state", type=Path, default=None, help="keep rounds here (resumable)")
+    parser.add_argument(
+        "--prune-final",
+        action="store_true",
+        help="rank each round's final weights (the notebook ranks its copy at update 1,001)",
+    )
     parser.add_argument(
         "--model",
         choices=("mnist1d_mlp", "mnist1d_resmlp"),
@@ -134,7 +165,9 @@ def main() -> None:
         state_of(build_model(args.model, data.input_shape, data.num_classes, seed=t))
         for t in trials
     ]
-    identity = [args.steps, args.trials, args.faithful, "controls ranked per layer"]
+    prune_from = args.steps if args.prune_final else notebook_checkpoint(args.steps)
+    identity = [args.steps, args.trials, args.faithful, "controls ranked per layer", "i/99"]
+    identity += [] if args.prune_final else [f"pruned from update {prune_from}"]
     key = json.dumps(identity + ([args.model] if args.model != "mnist1d_mlp" else []))
     store = (
         RunStore(args.state, hashlib.sha256(key.encode()).hexdigest()[:16]) if args.state else None
@@ -149,7 +182,7 @@ def main() -> None:
     for r, sparsity in enumerate(rounds):
         if r:
             masks = prune_round(masks, inits, finals, groups, sparsity)
-        listed = any(abs(sparsity - s) < 1e-9 for s in SPARSITIES)
+        row = table_row(sparsity)
         rel = f"round_{r:03d}"
         if store is not None and store.exists(f"{rel}.json"):
             done = store.read_json(f"{rel}.json")
@@ -160,13 +193,13 @@ def main() -> None:
             ]
             accs = done["accs"]
         else:
-            jobs = [Job(inits[t], masks[t], data_seed=t) for t in trials]
-            if r and listed:
+            jobs = [Job(inits[t], masks[t], data_seed=t, snapshot_step=prune_from) for t in trials]
+            if r and row is not None:
                 jobs += control_jobs(r, inits, masks, groups)
             results = train(template, jobs, data, spec)
             trainings += len(jobs)
             survivors += sum(job.mask.density() for job in jobs) * weight_count(template)
-            finals = [results[t].final for t in trials]
+            finals = [results[t].snapshot for t in trials]  # what the next round ranks
             accs = [100 * res.final_test_acc for res in results]
             if store is not None:
                 store.write_tensors(
@@ -174,19 +207,18 @@ def main() -> None:
                     {f"t{t}/{n}": v for t in trials for n, v in finals[t].items()},
                 )
                 store.write_json(f"{rel}.json", {"accs": accs})
-        if listed:
-            key_s = round(sparsity, 2)
-            ticket_acc[key_s] = accs[: args.trials]
-            random_acc[key_s] = accs[args.trials :] if r else accs[: args.trials]
+        if row is not None:
+            ticket_acc[row] = accs[: args.trials]
+            random_acc[row] = accs[args.trials :] if r else accs[: args.trials]
             print(
                 f"  round {r}: sparsity {sparsity:.2f} (measured {1 - masks[0].density():.4f}), "
-                f"ticket {mean(ticket_acc[key_s]):5.1f}  random {mean(random_acc[key_s]):5.1f}  "
+                f"ticket {mean(ticket_acc[row]):5.1f}  random {mean(random_acc[row]):5.1f}  "
                 f"[{time.perf_counter() - started:5.1f} s]",
                 flush=True,
             )
     wall = time.perf_counter() - started
 
-    label = "100 rounds, 1% each (--faithful)" if args.faithful else "one round per sparsity"
+    label = "99 rounds at sparsity i/99 (--faithful)" if args.faithful else "one round per sparsity"
     print()
     print(
         f"MNIST-1D lottery tickets ({label}, {args.model}): final test accuracy (%), "
