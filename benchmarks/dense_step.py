@@ -1,0 +1,177 @@
+"""How far a dense MNIST-1D round can go: ticketlab's step against the step's irreducible work.
+
+    .venv/bin/python benchmarks/dense_step.py
+
+Why: issue 18's 3x on the MNIST-1D grid is held down by its dense rounds (sparsity 0, .45, .80),
+whose 2-4 networks train as stacks of 1-2, one per core. This measures, for such a stack, one
+thread, best of 5, milliseconds per step:
+
+* the trainer's step (``train`` over 400 steps, evaluation only at the ends);
+* the step's matrix products alone: the 3 forward ``baddbmm`` and 5 backward ``bmm`` of the
+  40-500-500-10 MLP at batch 100, on the same shapes, nothing else (no activations, loss, Adam);
+* fused Adam alone over the stack's parameters (``_fused_adam_`` through ``torch.optim.Adam``):
+  memory-bound, it reads and writes every parameter and both moments every step.
+
+and the plain loop's step (one network, both threads, fused Adam: ``benchmarks/e2e.py``'s). A
+dense round trains its stacks in two processes side by side, so each of these is also timed as
+two processes at once (started together at a barrier): two cores that share caches and memory do
+not make two of one. The last lines print a round's ratio to the plain loop, ``2 k x plain step /
+side-by-side stack step``, for the trainer's step and for a step that did nothing but its products
+and its Adam update: the ceiling of the dense rounds for this arithmetic on this CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import time
+from collections.abc import Callable
+
+import torch
+
+from e2e import mlp, plain_stepper  # benchmarks/e2e.py
+from mnist1d_table import mnist1d_full_train, state_of  # benchmarks/mnist1d_table.py
+from ticketlab.core.mask import Mask, prunable_names
+from ticketlab.train.trainer import Job, TrainSpec, train
+from ticketlab.zoo.models import build_model
+
+STEPS, BATCH, LR, REPEATS = 400, 100, 2e-2, 5
+WIDTHS = (40, 500, 500, 10)
+
+
+def best_ms(run: Callable[[], None], steps: int) -> float:
+    run()  # warm-up
+    best = float("inf")
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return 1000 * best / steps
+
+
+def trainer_ms(data, k: int) -> float:
+    template = build_model("mnist1d_mlp", data.input_shape, data.num_classes, seed=0)
+    names = prunable_names(template, prune_biases=True)
+    inits = [
+        state_of(build_model("mnist1d_mlp", data.input_shape, data.num_classes, seed=t))
+        for t in range(k)
+    ]
+    jobs = [
+        Job(i, Mask.ones_like({n: i[n] for n in names}), data_seed=t) for t, i in enumerate(inits)
+    ]
+    spec = TrainSpec(steps=STEPS, batch_size=BATCH, lr=LR, eval_every=STEPS, data_order="cyclic")
+    warm = dataclasses.replace(spec, steps=20, eval_every=20)
+    train(template, jobs, data, warm, lanes=1)
+    return best_ms(lambda: train(template, jobs, data, spec, lanes=1), STEPS)
+
+
+def stack_tensors(k: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(k, BATCH, WIDTHS[0], generator=g)
+    ws = [
+        torch.randn(k, a, b, generator=g) * a**-0.5
+        for a, b in zip(WIDTHS, WIDTHS[1:], strict=False)
+    ]
+    bs = [torch.zeros(k, 1, b) for b in WIDTHS[1:]]
+    return x, ws, bs
+
+
+def products_ms(k: int) -> float:
+    """The step's 8 products on its shapes (the input's gradient is never needed)."""
+    x, (w1, w2, w3), (b1, b2, b3) = stack_tensors(k)
+
+    def run() -> None:
+        with torch.no_grad():
+            for _ in range(STEPS):
+                h1 = torch.baddbmm(b1, x, w1)
+                h2 = torch.baddbmm(b2, h1, w2)
+                g3 = torch.baddbmm(b3, h2, w3)
+                torch.bmm(h2.transpose(1, 2), g3)
+                g2 = torch.bmm(g3, w3.transpose(1, 2))
+                torch.bmm(h1.transpose(1, 2), g2)
+                g1 = torch.bmm(g2, w2.transpose(1, 2))
+                torch.bmm(x.transpose(1, 2), g1)
+
+    return best_ms(run, STEPS)
+
+
+def adam_ms(k: int) -> float:
+    _, ws, bs = stack_tensors(k)
+    params = [p.requires_grad_() for p in ws + bs]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizer = torch.optim.Adam(params, lr=LR, fused=True)
+
+    def run() -> None:
+        for _ in range(STEPS):
+            optimizer.step()
+
+    return best_ms(run, STEPS)
+
+
+def plain_ms(data) -> float:
+    net = mlp(data.x_train.shape[1])
+    net.load_state_dict(state_of(build_model("mnist1d_mlp", (40,), 10, seed=0)))
+    step_on = plain_stepper(net, {}, LR, data.x_train, data.y_train)
+    n = data.x_train.shape[0]
+
+    def run() -> None:
+        for step in range(STEPS):
+            step_on(torch.arange(step * BATCH, (step + 1) * BATCH) % n)
+
+    return best_ms(run, STEPS)
+
+
+MEASURES: dict[str, Callable[[int], float]] = {
+    "trainer": lambda k: trainer_ms(mnist1d_full_train(), k),
+    "products": products_ms,
+    "adam": adam_ms,
+}
+
+
+def _child(what: str, k: int, barrier, results) -> None:
+    torch.set_num_threads(1)
+    if what == "trainer":
+        mnist1d_full_train()  # read from disk before the barrier: the children time training only
+    barrier.wait()
+    results.put(MEASURES[what](k))
+
+
+def side_by_side(what: str, k: int) -> float:
+    """Mean ms/step of two fresh processes timing ``what`` at once, one thread each."""
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    children = [ctx.Process(target=_child, args=(what, k, barrier, results)) for _ in range(2)]
+    for child in children:
+        child.start()
+    times = [results.get() for _ in children]
+    for child in children:
+        child.join()
+    return sum(times) / len(times)
+
+
+def main() -> None:
+    data = mnist1d_full_train()
+    threads = torch.get_num_threads()
+    plain = plain_ms(data)
+    print(f"plain loop, 1 network, {threads} threads: {plain:.2f} ms/step")
+    print("ms/step, 1 thread each     trainer   products   Adam   products+Adam")
+    rows = []
+    for k in (1, 2):
+        torch.set_num_threads(1)
+        alone = [MEASURES[what](k) for what in MEASURES]
+        torch.set_num_threads(threads)
+        together = [side_by_side(what, k) for what in MEASURES]
+        for label, (t, p, a) in (("alone", alone), ("two at once", together)):
+            print(f"  stack of {k}, {label:11} {t:8.2f} {p:10.2f} {a:6.2f} {p + a:15.2f}")
+        rows.append((k, together[0], together[1] + together[2]))
+    print("a dense round's ratio to the plain loop, stacks of k two at once (2k x plain / step):")
+    for k, t, floor in rows:
+        print(
+            f"  k = {k}: trainer {2 * k * plain / t:.2f}x; "
+            f"ceiling (products and Adam only) {2 * k * plain / floor:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
