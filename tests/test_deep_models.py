@@ -110,10 +110,14 @@ def test_init_is_openlths_and_seeded():
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert all(not torch.equal(sa[k], sc[k]) for k in prunable_names(a))
-    gammas = torch.cat([m.weight for m in a.modules() if isinstance(m, nn.BatchNorm2d)])
+    gammas = torch.cat([m.weight.detach() for m in a.modules() if isinstance(m, nn.BatchNorm2d)])
     assert float(gammas.min()) >= 0 and float(gammas.max()) < 1  # uniform [0, 1)
-    assert all(float(m.bias.abs().max()) == 0 for m in a.modules() if isinstance(m, nn.BatchNorm2d))
-    w = a.blocks[8].conv2.weight  # Kaiming normal, fan-in 64*9: std sqrt(2/576)
+    assert all(
+        float(m.bias.detach().abs().max()) == 0
+        for m in a.modules()
+        if isinstance(m, nn.BatchNorm2d)
+    )
+    w = a.blocks[8].conv2.weight.detach()  # Kaiming normal, fan-in 64*9: std sqrt(2/576)
     assert float(w.std()) == pytest.approx((2 / 576) ** 0.5, rel=0.05)
 
 
