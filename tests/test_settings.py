@@ -170,7 +170,8 @@ def test_mnist1d_preset_is_the_notebooks_and_reaches_the_trainer():
     # PyTorch's default nn.Linear init: uniform within 1/sqrt(fan_in), the bias too
     model = build_model("mnist1d_mlp", (40,), 10, seed=0)
     first = model[1]
-    assert float(first.weight.abs().max()) <= 40**-0.5 and float(first.bias.abs().max()) > 0
+    weight, bias = first.weight.detach(), first.bias.detach()
+    assert float(weight.abs().max()) <= 40**-0.5 and float(bias.abs().max()) > 0
     # cyclic order: every network takes examples step*B .. step*B+B-1 (mod n), the same for all
     x = torch.arange(10.0).view(10, 1)
     data = Dataset("t", x, torch.arange(10), x[:1], torch.arange(1), x[:1], torch.arange(1))
