@@ -9,15 +9,15 @@ thread, best of 5, milliseconds per step:
 * the trainer's step (``train`` over 400 steps, evaluation only at the ends);
 * the step's matrix products alone: the 3 forward ``baddbmm`` and 5 backward ``bmm`` of the
   40-500-500-10 MLP at batch 100, on the same shapes, nothing else (no activations, loss, Adam);
-* fused Adam alone over the stack's parameters (``_fused_adam_`` through ``torch.optim.Adam``):
-  memory-bound, it reads and writes every parameter and both moments every step.
+* fused Adam alone over the stack's parameters (``_fused_adam_`` through ``torch.optim.Adam``),
+  which reads and writes every parameter and both moments every step.
 
 and the plain loop's step (one network, both threads, fused Adam: ``benchmarks/e2e.py``'s). A
 dense round trains its stacks in two processes side by side, so each of these is also timed as
 two processes at once (started together at a barrier): two cores that share caches and memory do
 not make two of one. The last lines print a round's ratio to the plain loop, ``2 k x plain step /
 side-by-side stack step``, for the trainer's step and for a step that did nothing but its products
-and its Adam update: the ceiling of the dense rounds for this arithmetic on this CPU.
+and its Adam update: a ceiling, what the dense rounds would reach if a step cost only those.
 """
 
 from __future__ import annotations
