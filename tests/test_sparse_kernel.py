@@ -207,7 +207,9 @@ def test_training_kernels_are_used_and_torchs_give_the_same_steps(monkeypatch):
     calls = []
     original = sparse_kernel.CsrKernel.rows
     monkeypatch.setattr(
-        sparse_kernel.CsrKernel, "rows", lambda self, *a: calls.append(1) or original(self, *a)
+        sparse_kernel.CsrKernel,
+        "rows",
+        lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw),
     )
     ours = train(template, jobs, data, spec, lanes=1)
     assert calls, "the compiled kernels did not run"

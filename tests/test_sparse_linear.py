@@ -169,3 +169,71 @@ def test_a_sweep_is_stacked_by_density_and_returned_in_order(digits):  # noqa: F
     together = train(template, jobs, digits, spec(steps=12), stack_size=2)
     for a, b in zip(together, alone, strict=True):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "batch", "kernel"),
+    [(torch.float64, 7, "0"), (torch.float32, 37, "1"), (torch.float32, 37, "0")],
+)
+def test_a_relu_between_sparse_layers_fused_matches_autograd(monkeypatch, dtype, batch, kernel):
+    """``relu``/``gate_input`` (torch's CSR path in float64 and float32, the compiled kernels in
+    float32 at a batch they take) against plain autograd of relu(x W1^T + b1) W2^T + b2 on the
+    dense masked weights: outputs and every gradient."""
+    from ticketlab.train import sparse_kernel
+
+    monkeypatch.setenv(sparse_kernel.SWITCH_ENV, kernel)
+    g = torch.Generator().manual_seed(3)
+    k, sizes = 2, (19, 23, 5)
+    keeps = [torch.rand(k, o, i, generator=g) < 0.3 for i, o in zip(sizes, sizes[1:], strict=False)]
+    dense = [torch.randn(m.shape, generator=g, dtype=dtype) * m for m in keeps]
+    biases = [torch.randn(k, 1, m.shape[1], generator=g, dtype=dtype) for m in keeps]
+    patterns = [BlockPattern(m) for m in keeps]
+    values = [p.gather(w).requires_grad_() for p, w in zip(patterns, dense, strict=True)]
+    sparse_b = [b.clone().requires_grad_() for b in biases]
+    x = torch.randn(k, batch, sizes[0], generator=g, dtype=dtype)
+    h = sparse_linear(x.transpose(1, 2), values[0], sparse_b[0], patterns[0], relu=True)
+    out = sparse_linear(h, values[1], sparse_b[1], patterns[1], gate_input=True).transpose(1, 2)
+
+    ref_w = [w.clone().requires_grad_() for w in dense]
+    ref_b = [b.clone().requires_grad_() for b in biases]
+    ref_h = torch.relu(torch.baddbmm(ref_b[0], x, ref_w[0].transpose(1, 2)))
+    ref = torch.baddbmm(ref_b[1], ref_h, ref_w[1].transpose(1, 2))
+    tol = {"rtol": 0, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(out, ref, **tol)
+    upstream = torch.randn(ref.shape, generator=g, dtype=dtype)
+    got = torch.autograd.grad(out, [*values, *sparse_b], upstream)
+    want = torch.autograd.grad(ref, [*ref_w, *ref_b], upstream)
+    for i in range(2):
+        torch.testing.assert_close(got[i], want[i][keeps[i]], **tol)  # survivors only
+        torch.testing.assert_close(got[2 + i], want[2 + i], **tol)
+
+
+def test_fused_relus_change_no_bit_of_training(digits, monkeypatch):  # noqa: F811
+    """LeNet-300-100 at 5%: both ReLUs ride in the sparse products, and a float32 run on the
+    compiled kernels gives the same bits as one with the ReLUs run by autograd."""
+    template, jobs = sparse_jobs(digits, sparsities=(0.95, 0.95))
+    s = spec(steps=30, dtype="float32", batch_size=32)
+    stack = SequentialStack(template, [j.init for j in jobs], torch.float32)
+    stack.sparsify({n: torch.stack([j.mask[n] for j in jobs]) for n in jobs[0].mask.names()}, 1.0)
+    assert stack._folded_relus == {2, 4}  # Flatten, Linear, ReLU, Linear, ReLU, Linear
+    fused = train(template, jobs, digits, s, lanes=1)
+    original = SequentialStack.sparsify
+
+    def unfused(self, *args, **kwargs):
+        chosen = original(self, *args, **kwargs)
+        self._folded_relus = frozenset()
+        return chosen
+
+    monkeypatch.setattr(SequentialStack, "sparsify", unfused)
+    plain = train(template, jobs, digits, s, lanes=1)
+    for a, b in zip(fused, plain, strict=True):
+        assert_identical(a, b)
+
+
+def test_a_relu_next_to_a_dense_layer_is_not_fused(digits):  # noqa: F811
+    template, jobs = sparse_jobs(digits, sparsities=(0.95,))
+    stack = SequentialStack(template, [jobs[0].init], torch.float32)
+    keep = {n: jobs[0].mask[n].unsqueeze(0) for n in jobs[0].mask.names()}
+    keep["3.weight"] = torch.ones_like(keep["3.weight"])  # the middle layer stays dense
+    stack.sparsify(keep, 0.2)
+    assert stack._folded_relus == frozenset()

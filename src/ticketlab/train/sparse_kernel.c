@@ -228,10 +228,21 @@ int ticketlab_csr_linear(const struct ticketlab_csr *weight, const float *restri
  * batch - 16 and overlaps the one before it. Every lane is summed in the order of the survivors,
  * so the overlapping lanes are computed twice identically. batch < 16 is not taken here. */
 
+/* What a chunk's sums become on the way out: ``relu`` keeps them where they are not negative
+ * (NaN kept, as torch's ReLU does), ``gate`` where the same lanes of the gate row are positive
+ * (torch's ReLU backward: the gradient where the ReLU's output is positive, else +0). Bitwise
+ * selects, so a kept value is the sum itself: fusing changes no bit. */
+static inline __attribute__((always_inline)) vf finish(vf acc, int relu, const float *restrict g)
+{
+    if (relu) acc = (vf)((vi)acc & ~(acc < (vf){0}));
+    if (g) acc = (vf)((vi)acc & (*(const vf *)g > (vf){0}));
+    return acc;
+}
+
 static inline __attribute__((always_inline)) void
 rows_chunks(const float *restrict xt, int64_t batch, const int32_t *restrict indices,
             const float *restrict values, int32_t k0, int32_t k1, float start, float *restrict out,
-            int64_t first_chunk, const int n)
+            int64_t first_chunk, const int n, int relu, const float *restrict gate)
 {
     int64_t off[4];
     vf acc[4];
@@ -245,28 +256,34 @@ rows_chunks(const float *restrict xt, int64_t batch, const int32_t *restrict ind
         const float *p = xt + (int64_t)indices[k] * batch;
         for (int i = 0; i < n; i++) acc[i] += v * *(const vf *)(p + off[i]);
     }
-    for (int i = 0; i < n; i++) *(vf *)(out + off[i]) = acc[i];
+    for (int i = 0; i < n; i++)
+        *(vf *)(out + off[i]) = finish(acc[i], relu, gate ? gate + off[i] : 0);
 }
 
-/* yt[r, :] = bias[r] + sum over row r's survivors k of values[k] * xt[indices[k], :]. */
+/* yt[r, :] = bias[r] + sum over row r's survivors k of values[k] * xt[indices[k], :], then the
+ * ReLU (relu != 0) or the gate of gate[r, :] (gate != NULL) of ``finish``. Fusing them saves a
+ * pass over the activations: at a sparse level that pass costs as much as the product. */
 void ticketlab_csr_rows(const int32_t *restrict indptr, const int32_t *restrict indices,
                         const float *restrict values, const float *restrict bias, int64_t n_rows,
-                        const float *restrict xt, int64_t batch, float *restrict yt)
+                        const float *restrict xt, int64_t batch, float *restrict yt, int relu,
+                        const float *restrict gate)
 {
     const int64_t chunks = (batch + 15) / 16;
     for (int64_t r = 0; r < n_rows; r++) {
         const float start = bias ? bias[r] : 0.0f;
+        const float *g = gate ? gate + r * batch : 0;
         for (int64_t c = 0; c < chunks; c += 4) {
             const int64_t n = chunks - c < 4 ? chunks - c : 4;
             float *out = yt + r * batch;
+            const int32_t k0 = indptr[r], k1 = indptr[r + 1];
             if (n == 4)
-                rows_chunks(xt, batch, indices, values, indptr[r], indptr[r + 1], start, out, c, 4);
+                rows_chunks(xt, batch, indices, values, k0, k1, start, out, c, 4, relu, g);
             else if (n == 3)
-                rows_chunks(xt, batch, indices, values, indptr[r], indptr[r + 1], start, out, c, 3);
+                rows_chunks(xt, batch, indices, values, k0, k1, start, out, c, 3, relu, g);
             else if (n == 2)
-                rows_chunks(xt, batch, indices, values, indptr[r], indptr[r + 1], start, out, c, 2);
+                rows_chunks(xt, batch, indices, values, k0, k1, start, out, c, 2, relu, g);
             else
-                rows_chunks(xt, batch, indices, values, indptr[r], indptr[r + 1], start, out, c, 1);
+                rows_chunks(xt, batch, indices, values, k0, k1, start, out, c, 1, relu, g);
         }
     }
 }

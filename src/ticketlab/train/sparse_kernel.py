@@ -84,9 +84,13 @@ class CsrKernel:
         bias: torch.Tensor | None,
         xt: torch.Tensor,
         out: torch.Tensor,
+        relu: bool = False,
+        gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``out = A @ xt (+ bias per row)`` for features-first ``xt`` [n_cols, batch], batch >=
-        16, A in int32 CSR; every tensor contiguous float32 (int32 indices) on the CPU."""
+        16, A in int32 CSR; every tensor contiguous float32 (int32 indices) on the CPU. ``relu``:
+        ``out`` goes through a ReLU as it is stored; ``gate`` (``out``'s shape): ``out`` is kept
+        where ``gate`` is positive, else 0 (a ReLU's backward, ``gate`` its output)."""
         self.rows_function(
             indptr.data_ptr(),
             indices.data_ptr(),
@@ -96,6 +100,8 @@ class CsrKernel:
             xt.data_ptr(),
             xt.shape[1],
             out.data_ptr(),
+            int(relu),
+            None if gate is None else gate.data_ptr(),
         )
         return out
 
@@ -249,6 +255,8 @@ def _open(path: Path) -> CsrKernel:
         ctypes.c_void_p,  # xt
         ctypes.c_int64,  # batch
         ctypes.c_void_p,  # out
+        ctypes.c_int,  # relu on store
+        ctypes.c_void_p,  # gate or NULL
     ]
     rows.restype = None
     dot = library.ticketlab_sampled_dot
@@ -292,8 +300,15 @@ def _agrees_with_dense(kernel: CsrKernel) -> bool:
     gt = torch.randn(37, 21, generator=g)
     rows_of = torch.repeat_interleave(torch.arange(37), indptr[1:] - indptr[:-1]).int()
     forward = kernel.rows(indptr, indices, values, bias, xt, torch.empty(37, 21))
+    gate = torch.randn(37, 21, generator=g)
+    relu = kernel.rows(indptr, indices, values, bias, xt, torch.empty(37, 21), relu=True)
+    gated = kernel.rows(indptr, indices, values, None, xt, torch.empty(37, 21), gate=gate)
     sampled = kernel.sampled_dot(rows_of, indices, gt, xt)
     full = gt.double() @ xt.double().T
-    return close(forward, w64 @ xt.double() + bias.double()[:, None]) and close(
-        sampled, full[rows_of.long(), indices.long()]
+    product = w64 @ xt.double()
+    return (
+        close(forward, product + bias.double()[:, None])
+        and close(relu, (product + bias.double()[:, None]).clamp_min(0))
+        and close(gated, product * (gate > 0))
+        and close(sampled, full[rows_of.long(), indices.long()])
     )

@@ -44,7 +44,7 @@ from .layout import (
     stack_states,
 )
 from .row_stack import LoopStack, RowStack
-from .sparse_linear import sparse_linear
+from .sparse_linear import SPARSE_BELOW, sparse_linear
 
 __all__ = [
     "LoopStack",
@@ -115,6 +115,22 @@ class SequentialStack(LinearLayout):
             .requires_grad_()
             for n in names
         }
+        self._folded_relus: frozenset[int] = frozenset()
+
+    def sparsify(self, keep: Mapping[str, torch.Tensor], below: float = SPARSE_BELOW) -> set[str]:
+        """``LinearLayout.sparsify``; then every ReLU with a sparse Linear on both sides rides in
+        their products (``BlockSparseLinear``'s ``relu``/``gate_input``)."""
+        chosen = super().sparsify(keep, below)
+        sparse = [f"{n}.weight" in self._patterns for n in self.names]
+        self._folded_relus = frozenset(
+            i
+            for i, layer in enumerate(self.layers)
+            if isinstance(layer, nn.ReLU)
+            and 0 < i < len(self.layers) - 1
+            and sparse[i - 1]
+            and sparse[i + 1]
+        )
+        return chosen
 
     @staticmethod
     def check_structure(template: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -152,7 +168,10 @@ class SequentialStack(LinearLayout):
         k, batch = x.shape[:2]
         h, layout, fresh = x, "flat", False
         grouped = self.conv_mode == "grouped"
-        for name, layer in zip(self.names, self.layers, strict=True):
+        folded = self._folded_relus
+        for i, (name, layer) in enumerate(zip(self.names, self.layers, strict=True)):
+            if i in folded:
+                continue  # applied by the sparse products on either side
             if isinstance(layer, nn.Conv2d):
                 w = self.params[f"{name}.weight"]
                 b = self.params.get(f"{name}.bias")
@@ -188,7 +207,9 @@ class SequentialStack(LinearLayout):
                 if pattern is not None:
                     if layout != "features_first":
                         h, layout = h.transpose(1, 2), "features_first"
-                    h = sparse_linear(h, w, b, pattern)
+                    h = sparse_linear(
+                        h, w, b, pattern, relu=i + 1 in folded, gate_input=i - 1 in folded
+                    )
                 else:
                     if layout == "features_first":  # a view: bmm reads it transposed, no copy
                         h, layout = h.transpose(1, 2), "flat"

@@ -38,6 +38,7 @@ from ..errors import TicketlabError
 from ..zoo.data import Dataset
 from . import augment as augmentation
 from . import sparse_kernel
+from .adam_step import direct_adam
 from .device import (
     Placement,
     configure_determinism,
@@ -555,6 +556,7 @@ def _train_loop(
     every = checkpointer.every if checkpointer else 0
     resumed_at = saved_step(saved)
     groups = optimizer.param_groups
+    step_optimizer = direct_adam(optimizer)  # after any resume: it holds the state tensors
     forward = stack.forward
     lr_now = None
     stopping = [False] * k
@@ -589,7 +591,7 @@ def _train_loop(
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             per_net_loss.sum().backward()
-            optimizer.step()
+            step_optimizer()
         else:
             scaler.scale(per_net_loss.sum()).backward()
             scaler.step(optimizer)
