@@ -178,6 +178,10 @@ def test_mnist1d_preset_is_the_notebooks_and_reaches_the_trainer():
     batches = Batches(data, [3, 4], 4, order="cyclic")
     xb, yb = batches(2)  # examples 8, 9, 0, 1
     assert yb.tolist() == [8, 9, 0, 1, 8, 9, 0, 1] and xb.shape == (2, 4, 1)
+    for step in range(12):  # windows that wrap and windows that do not, against the rule
+        xb, yb = batches(step)
+        rows = [(step * 4 + i) % 10 for i in range(4)] * 2
+        assert yb.tolist() == rows and xb.flatten().tolist() == [float(r) for r in rows]
 
 
 def test_mnist1d_resmlp_is_the_notebooks_residual_mlp():

@@ -557,6 +557,7 @@ def _train_loop(
     resumed_at = saved_step(saved)
     groups = optimizer.param_groups
     step_optimizer = direct_adam(optimizer)  # after any resume: it holds the state tensors
+    params = [p for group in groups for p in group["params"]]
     forward = stack.forward
     lr_now = None
     stopping = [False] * k
@@ -588,7 +589,8 @@ def _train_loop(
             .view(k, -1)
             .mean(dim=1)
         )
-        optimizer.zero_grad(set_to_none=True)
+        for param in params:  # optimizer.zero_grad(set_to_none=True) without its overhead
+            param.grad = None
         if scaler is None:
             per_net_loss.sum().backward()
             step_optimizer()
@@ -655,12 +657,18 @@ class Batches:
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cyclic:
-            start = step * self.batch
-            one = torch.arange(start, start + min(self.batch, self.n)) % self.n
-            idx = one.repeat(len(self.seeds))
-            torch.index_select(self.x, 0, idx, out=self.x_out)
-            torch.index_select(self.y, 0, idx, out=self.y_out)
-            return self.x_out.view(len(self.seeds), -1, *self.shape), self.y_out
+            k, rows = len(self.seeds), min(self.batch, self.n)
+            start = step * self.batch % self.n
+            if start + rows <= self.n:  # one slice, the same for every network: two copies
+                self.x_out.view(k, rows, -1).copy_(self.x[start : start + rows].expand(k, -1, -1))
+                self.y_out.view(k, rows, *self.y.shape[1:]).copy_(
+                    self.y[start : start + rows].expand(k, *self.y[:rows].shape)
+                )
+            else:
+                idx = (torch.arange(start, start + rows) % self.n).repeat(k)
+                torch.index_select(self.x, 0, idx, out=self.x_out)
+                torch.index_select(self.y, 0, idx, out=self.y_out)
+            return self.x_out.view(k, -1, *self.shape), self.y_out
         epoch, position = divmod(step, self.per_epoch)
         if epoch != self.epoch:
             perms = torch.stack([epoch_permutation(s, epoch, self.n) for s in self.seeds])
