@@ -1,0 +1,126 @@
+"""What this release's two step changes are worth, each against its previous form, side by side.
+
+    .venv/bin/python benchmarks/step_parts.py     # ~3 min
+
+Milliseconds per training step, one thread, best of REPEATS interleaved runs (each variant runs
+once per round, so a slow spell of the shared machine hits them alike):
+
+* ``shipped``: the trainer as it is;
+* ``Adam.step``: ``torch.optim.Adam(fused=True).step`` instead of the direct call of its fused
+  kernel (``ticketlab.train.adam_step``);
+* ``ReLU unfused``: the ReLUs between sparse layers run by autograd instead of inside the compiled
+  products (``BlockSparseLinear``'s ``relu``/``gate_input``; sparse stacks only).
+
+on the stacks a search trains: the MNIST-1D MLP dense (1 network, as at sparsity 0) and 2 networks
+at 5% and 1%, LeNet-300-100 dense (3 networks, as at level 0) and 3 networks at level 15's
+densities. Every variant's final weights are compared with the shipped ones: the changes are meant
+to change no bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from e2e import lenet, random_level_jobs  # benchmarks/e2e.py
+from mnist1d_table import mnist1d_full_train  # benchmarks/mnist1d_table.py
+from sparse_step import mnist1d_jobs  # benchmarks/sparse_step.py
+from ticketlab.core.mask import Mask, prunable_names
+from ticketlab.train import stacked, trainer
+from ticketlab.train.trainer import Job, Result, TrainSpec, train
+from ticketlab.zoo.data import load_dataset
+from ticketlab.zoo.models import build_model
+
+STEPS, REPEATS = 300, 5
+
+
+@contextlib.contextmanager
+def torch_adam_step() -> Iterator[None]:
+    original = trainer.direct_adam
+    trainer.direct_adam = lambda optimizer: optimizer.step
+    try:
+        yield
+    finally:
+        trainer.direct_adam = original
+
+
+@contextlib.contextmanager
+def relu_unfused() -> Iterator[None]:
+    original = stacked.SequentialStack.sparsify
+
+    def sparsify(self, *args, **kwargs):
+        chosen = original(self, *args, **kwargs)
+        self._folded_relus = frozenset()
+        return chosen
+
+    stacked.SequentialStack.sparsify = sparsify
+    try:
+        yield
+    finally:
+        stacked.SequentialStack.sparsify = original
+
+
+VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+    "shipped": contextlib.nullcontext,
+    "Adam.step": torch_adam_step,
+    "ReLU unfused": relu_unfused,
+}
+
+
+def compare(label: str, template, jobs: list[Job], data, spec: TrainSpec, sparse: bool) -> None:
+    variants = [v for v in VARIANTS if sparse or v != "ReLU unfused"]
+    warm = dataclasses.replace(spec, steps=20, eval_every=20)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    finals: dict[str, list[Result]] = {}
+    for variant in variants:
+        with VARIANTS[variant]():
+            train(template, jobs, data, warm, lanes=1)
+    for _ in range(REPEATS):
+        for variant in variants:
+            with VARIANTS[variant]():
+                start = time.perf_counter()
+                finals[variant] = train(template, jobs, data, spec, lanes=1)
+                times[variant].append(1000 * (time.perf_counter() - start) / spec.steps)
+    shipped = min(times["shipped"])
+    cells = [f"{label:38}", f"shipped {shipped:5.2f}"]
+    for variant in variants[1:]:
+        same = all(
+            torch.equal(a.final[n], b.final[n])
+            for a, b in zip(finals[variant], finals["shipped"], strict=True)
+            for n in a.final
+        )
+        best = min(times[variant])
+        cells.append(f"{variant} {best:5.2f} ({best / shipped:.2f}x, same bits: {same})")
+    print("  ".join(cells), flush=True)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    print(f"ms per step, 1 thread, {STEPS} steps, best of {REPEATS} interleaved runs")
+    data = mnist1d_full_train()
+    template = build_model("mnist1d_mlp", data.input_shape, data.num_classes, seed=0)
+    spec = TrainSpec(steps=STEPS, batch_size=100, lr=2e-2, eval_every=STEPS, data_order="cyclic")
+    names = prunable_names(template, prune_biases=True)
+    dense = [
+        Job(job.init, Mask.ones_like({n: job.init[n] for n in names}), data_seed=job.data_seed)
+        for job in mnist1d_jobs(data, 1.0)[:1]
+    ]
+    compare("mnist1d_mlp, 1 network dense", template, dense, data, spec, sparse=False)
+    for density in (0.05, 0.01):
+        label = f"mnist1d_mlp, 2 networks at {density:.0%}"
+        compare(label, template, mnist1d_jobs(data, density), data, spec, sparse=True)
+    mnist5k = load_dataset("mnist5k", 0.1, 0)
+    lenet_spec = TrainSpec(steps=STEPS, batch_size=60, lr=1.2e-3, eval_every=100)
+    for level in (0, 15):
+        template = lenet(mnist5k.x_train[0].numel(), 0)
+        jobs = random_level_jobs(mnist5k, 3, level)
+        label = f"lenet_300_100, 3 networks at level {level}"
+        compare(label, template, jobs, mnist5k, lenet_spec, sparse=level > 0)
+
+
+if __name__ == "__main__":
+    main()
