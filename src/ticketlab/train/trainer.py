@@ -7,12 +7,13 @@ is the *sum* of the K per-network mean losses, so each network's gradient is exa
 The mask is applied to the weights after every optimizer step instead of in the forward pass: pruned
 weights are exactly zero at every step and the forward pass does no extra work.
 
-Speed (see benchmarks/throughput.py): the step loop does no work that is not needed every step
-(batches gathered with one ``index_select`` into reused buffers, all-true masks skipped, losses
-folded into the curve only at evaluations, fused Adam); and when there are several stacks,
-``train`` runs them side by side, one core and one intra-op thread each (forked processes on
-Linux, see ``process_lanes``; threads elsewhere), instead of one after another with every
-operation split over the threads.
+Speed (see benchmarks/throughput.py, benchmarks/step_parts.py): the step loop does no work that
+is not needed every step (batches gathered with one ``index_select`` or slice copy into reused
+buffers, all-true masks skipped, losses folded into the curve only at evaluations, fused Adam's
+kernel called directly: ``adam_step``); and when there are several stacks, ``train`` runs them
+side by side, one core and one intra-op thread each (forked processes on Linux, see
+``process_lanes``; threads elsewhere), instead of one after another with every operation split
+over the threads.
 """
 
 from __future__ import annotations
