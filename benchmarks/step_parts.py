@@ -1,6 +1,6 @@
 """What this release's two step changes are worth, each against its previous form, side by side.
 
-    .venv/bin/python benchmarks/step_parts.py     # ~3 min
+    .venv/bin/python benchmarks/step_parts.py     # ~4 min
 
 Milliseconds per training step, one thread, best of REPEATS interleaved runs (each variant runs
 once per round, so a slow spell of the shared machine hits them alike):
@@ -9,7 +9,9 @@ once per round, so a slow spell of the shared machine hits them alike):
 * ``Adam.step``: ``torch.optim.Adam(fused=True).step`` instead of the direct call of its fused
   kernel (``ticketlab.train.adam_step``);
 * ``ReLU unfused``: the ReLUs between sparse layers run by autograd instead of inside the compiled
-  products (``BlockSparseLinear``'s ``relu``/``gate_input``; sparse stacks only).
+  products (``BlockSparseLinear``'s ``relu``/``gate_input``; sparse stacks only);
+* ``indexed batches``: cyclic batches (MNIST-1D's) gathered through indices built every step
+  instead of copied as one slice.
 
 on the stacks a search trains: the MNIST-1D MLP dense (1 network, as at sparsity 0) and 2 networks
 at 5% and 1%, LeNet-300-100 dense (3 networks, as at level 0) and 3 networks at level 15's
@@ -64,15 +66,44 @@ def relu_unfused() -> Iterator[None]:
         stacked.SequentialStack.sparsify = original
 
 
+@contextlib.contextmanager
+def indexed_batches() -> Iterator[None]:
+    """The previous cyclic batches: the rows' indices built and gathered every step."""
+    original = trainer.Batches.__call__
+
+    def gather(self, step: int):
+        if not self.cyclic:
+            return original(self, step)
+        start = step * self.batch
+        idx = (torch.arange(start, start + min(self.batch, self.n)) % self.n).repeat(
+            len(self.seeds)
+        )
+        torch.index_select(self.x, 0, idx, out=self.x_out)
+        torch.index_select(self.y, 0, idx, out=self.y_out)
+        return self.x_out.view(len(self.seeds), -1, *self.shape), self.y_out
+
+    trainer.Batches.__call__ = gather
+    try:
+        yield
+    finally:
+        trainer.Batches.__call__ = original
+
+
 VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "shipped": contextlib.nullcontext,
     "Adam.step": torch_adam_step,
     "ReLU unfused": relu_unfused,
+    "indexed batches": indexed_batches,
 }
 
 
 def compare(label: str, template, jobs: list[Job], data, spec: TrainSpec, sparse: bool) -> None:
-    variants = [v for v in VARIANTS if sparse or v != "ReLU unfused"]
+    cyclic = spec.data_order == "cyclic"
+    variants = [
+        v
+        for v in VARIANTS
+        if (sparse or v != "ReLU unfused") and (cyclic or v != "indexed batches")
+    ]
     warm = dataclasses.replace(spec, steps=20, eval_every=20)
     times: dict[str, list[float]] = {v: [] for v in variants}
     finals: dict[str, list[Result]] = {}
