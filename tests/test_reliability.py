@@ -20,10 +20,11 @@ at the next temp file (inside a write: checkpoint, mask, metrics..., proven afte
 file it orphaned), at a random time in the first few writes, or during start-up/resume. Kills
 continue until there are at least 20, at least 3 in each level, and two of them have landed inside
 writes, one of them a checkpoint's (a race the harness can lose, so it keeps trying), then the
-command is rerun until it completes. After every kill, every file in the folder must verify (a torn checkpoint would
-otherwise be discarded and retrained, invisible in the final comparison). SIGKILL cannot tear a
-write whose bytes already reached the page cache, so ``atomic_write_bytes``'s own guarantee is
-also tested deterministically (``test_sigkill_inside_a_write_leaves_the_previous_file``).
+command is rerun until it completes. After every kill, every file in the folder must verify (a
+torn checkpoint would otherwise be discarded and retrained, invisible in the final comparison).
+SIGKILL cannot tear a write whose bytes already reached the page cache, so ``atomic_write_bytes``'s
+own guarantee is also tested deterministically
+(``test_sigkill_inside_a_write_leaves_the_previous_file``).
 """
 
 from __future__ import annotations

@@ -237,3 +237,33 @@ def test_a_relu_next_to_a_dense_layer_is_not_fused(digits):  # noqa: F811
     keep["3.weight"] = torch.ones_like(keep["3.weight"])  # the middle layer stays dense
     stack.sparsify(keep, 0.2)
     assert stack._folded_relus == frozenset()
+
+
+def test_the_fused_relu_treats_nan_and_signed_zeros_as_torchs_relu_does():
+    """A diverging network's NaN and infinite activations, zeros of both signs: the fused ReLU is
+    torch's ReLU of the unfused product to the bit, and the gate is torch's ReLU backward (which
+    passes the gradient where the ReLU's output is NaN)."""
+    from ticketlab.train import sparse_kernel
+
+    kernel = sparse_kernel.load()
+    if kernel is None:
+        pytest.skip("no compiled kernel here")
+    n, batch = 4, 16
+    identity = torch.eye(n).to_sparse_csr()
+    indptr, indices = identity.crow_indices().int(), identity.col_indices().int()
+    values = identity.values().contiguous()
+    special = torch.tensor([float("nan"), -0.0, 0.0, -1.0, 2.0, float("-inf"), 3.0, -2.0])
+    xt = special.repeat(n * batch // len(special)).view(n, batch)
+    bias = torch.tensor([0.0, -0.0, 1.0, -1.0])
+
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.view(torch.int32)
+
+    product = kernel.rows(indptr, indices, values, bias, xt, torch.empty(n, batch))
+    relu = kernel.rows(indptr, indices, values, bias, xt, torch.empty(n, batch), relu=True)
+    assert torch.equal(bits(relu), bits(torch.relu(product)))
+    grad = torch.randn(n, batch)
+    unfused = kernel.rows(indptr, indices, values, None, grad, torch.empty(n, batch))
+    gated = kernel.rows(indptr, indices, values, None, grad, torch.empty(n, batch), gate=xt)
+    assert torch.equal(bits(gated), bits(torch.ops.aten.threshold_backward(unfused, xt, 0)))
+    assert bool(gated[xt.isnan()].ne(0).all())  # the gradient passes where the output is NaN

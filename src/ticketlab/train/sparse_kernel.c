@@ -229,13 +229,13 @@ int ticketlab_csr_linear(const struct ticketlab_csr *weight, const float *restri
  * so the overlapping lanes are computed twice identically. batch < 16 is not taken here. */
 
 /* What a chunk's sums become on the way out: ``relu`` keeps them where they are not negative
- * (NaN kept, as torch's ReLU does), ``gate`` where the same lanes of the gate row are positive
- * (torch's ReLU backward: the gradient where the ReLU's output is positive, else +0). Bitwise
- * selects, so a kept value is the sum itself: fusing changes no bit. */
+ * (NaN and -0 kept, as torch's ReLU does), ``gate`` where the same lanes of the gate row are not
+ * <= 0 (torch's ReLU backward: the gradient where the ReLU's output is positive or NaN, else +0).
+ * Bitwise selects, so a kept value is the sum itself: fusing changes no bit. */
 static inline __attribute__((always_inline)) vf finish(vf acc, int relu, const float *restrict g)
 {
     if (relu) acc = (vf)((vi)acc & ~(acc < (vf){0}));
-    if (g) acc = (vf)((vi)acc & (*(const vf *)g > (vf){0}));
+    if (g) acc = (vf)((vi)acc & ~(*(const vf *)g <= (vf){0}));
     return acc;
 }
 

@@ -90,7 +90,7 @@ class CsrKernel:
         """``out = A @ xt (+ bias per row)`` for features-first ``xt`` [n_cols, batch], batch >=
         16, A in int32 CSR; every tensor contiguous float32 (int32 indices) on the CPU. ``relu``:
         ``out`` goes through a ReLU as it is stored; ``gate`` (``out``'s shape): ``out`` is kept
-        where ``gate`` is positive, else 0 (a ReLU's backward, ``gate`` its output)."""
+        where ``gate`` is not <= 0, else 0 (a ReLU's backward, ``gate`` its output)."""
         self.rows_function(
             indptr.data_ptr(),
             indices.data_ptr(),
