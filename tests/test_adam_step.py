@@ -17,6 +17,20 @@ def _grads(step: int, params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.randn(p.shape, generator=g) for p in params]
 
 
+def _step_both(i, ours, theirs, step, reference, without_grad: int | None = None) -> None:
+    """Step ``i``: the same gradients on both sides (none for parameter ``without_grad``), then the
+    direct step on ``ours`` and torch's on ``theirs``."""
+    for j, (p, q, grad) in enumerate(zip(ours, theirs, _grads(i, ours), strict=True)):
+        p.grad, q.grad = (None, None) if j == without_grad else (grad.clone(), grad.clone())
+    step()
+    reference.step()
+
+
+def _assert_same(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> None:
+    for p, q in zip(ours, theirs, strict=True):
+        assert torch.equal(p, q)
+
+
 def _state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [s[key] for s in optimizer.state.values() for key in ("exp_avg", "exp_avg_sq", "step")]
 
@@ -30,12 +44,8 @@ def test_direct_steps_equal_torchs_with_lr_changes_and_weight_decay():
     for i in range(25):
         for group in (*mine.param_groups, *reference.param_groups):
             group["lr"] = 0.01 * 0.9 ** (i // 5)  # as the trainer's schedules set it
-        for p, q, grad in zip(ours, theirs, _grads(i, ours), strict=True):
-            p.grad, q.grad = grad.clone(), grad.clone()
-        step()
-        reference.step()
-    for p, q in zip(ours, theirs, strict=True):
-        assert torch.equal(p, q)
+        _step_both(i, ours, theirs, step, reference)
+    _assert_same(ours, theirs)
     assert all(torch.equal(a, b) for a, b in zip(_state(mine), _state(reference), strict=True))
     assert str(mine.state_dict()) == str(reference.state_dict())
 
@@ -47,20 +57,13 @@ def test_a_resumed_optimizer_continues_with_the_same_bits():
     reference = torch.optim.Adam(theirs, lr=0.01, fused=True)
     step = direct_adam(mine)
     for i in range(4):
-        for p, q, grad in zip(ours, theirs, _grads(i, ours), strict=True):
-            p.grad, q.grad = grad.clone(), grad.clone()
-        step()
-        reference.step()
+        _step_both(i, ours, theirs, step, reference)
     resumed = torch.optim.Adam(ours, lr=0.01, fused=True)
     resumed.load_state_dict(mine.state_dict())
     step = direct_adam(resumed)
     for i in range(4, 8):
-        for p, q, grad in zip(ours, theirs, _grads(i, ours), strict=True):
-            p.grad, q.grad = grad.clone(), grad.clone()
-        step()
-        reference.step()
-    for p, q in zip(ours, theirs, strict=True):
-        assert torch.equal(p, q)
+        _step_both(i, ours, theirs, step, reference)
+    _assert_same(ours, theirs)
 
 
 def test_a_parameter_without_gradient_takes_torchs_step():
@@ -69,15 +72,8 @@ def test_a_parameter_without_gradient_takes_torchs_step():
     reference = torch.optim.Adam(theirs, lr=0.01, fused=True)
     step = direct_adam(mine)
     for i in range(6):
-        for j, (p, q, grad) in enumerate(zip(ours, theirs, _grads(i, ours), strict=True)):
-            skip = i == 3 and j == 1
-            p.grad = q.grad = None
-            if not skip:
-                p.grad, q.grad = grad.clone(), grad.clone()
-        step()
-        reference.step()
-    for p, q in zip(ours, theirs, strict=True):
-        assert torch.equal(p, q)
+        _step_both(i, ours, theirs, step, reference, without_grad=1 if i == 3 else None)
+    _assert_same(ours, theirs)
 
 
 def test_other_optimizers_keep_their_own_step():

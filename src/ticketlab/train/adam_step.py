@@ -1,8 +1,9 @@
 """One fused Adam update without ``torch.optim.Adam.step``'s per-call Python.
 
-Why: a small stack's step (the MNIST-1D MLP, LeNet-300-100's sparse levels) spends 0.15-0.25 ms
-of each 2-3 ms step inside ``Adam.step`` *around* its kernel: re-reading the param group, the
-state dict of every parameter, grouping the tensors by device and dtype. The kernel itself,
+Why: a small stack's step (the MNIST-1D MLP, LeNet-300-100's sparse levels) spends about 0.1-0.2
+ms of each 1-4 ms step inside ``Adam.step`` *around* its kernel (``benchmarks/step_parts.py``):
+re-reading the param group, the state dict of every parameter, grouping the tensors by device and
+dtype. The kernel itself,
 ``torch._fused_adam_``, is what ``Adam(fused=True)`` calls; calling it directly on lists built once
 does the same arithmetic on the same tensors, so the weights and the optimizer's state (and its
 ``state_dict``, hence checkpoints and resume) are the same bits (``tests/test_adam_step.py``).
