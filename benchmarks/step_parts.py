@@ -1,4 +1,4 @@
-"""What this release's two step changes are worth, each against its previous form, side by side.
+"""What the trainer's step changes are worth, each against its previous form, side by side.
 
     .venv/bin/python benchmarks/step_parts.py     # ~4 min
 
@@ -6,23 +6,28 @@ Milliseconds per training step, one thread, best of REPEATS interleaved runs (ea
 once per round, so a slow spell of the shared machine hits them alike):
 
 * ``shipped``: the trainer as it is;
-* ``Adam.step``: ``torch.optim.Adam(fused=True).step`` instead of the direct call of its fused
-  kernel (``ticketlab.train.adam_step``);
+* ``Adam.step``: ``torch.optim.Adam(fused=True).step`` (then the masks' ``mul_``) instead of the
+  direct call of its fused kernel (``ticketlab.train.adam_step``);
+* ``mask pass``: a pruned layer trained dense stepped by torch's fused Adam and then multiplied by
+  its mask, two passes, instead of the one-pass ``ticketlab_adam`` (dense pruned stacks only);
+* ``torch transpose``: the batch copied features-first for the first sparse layer by torch's copy
+  of the transposed view instead of ``ticketlab_transpose`` (sparse stacks only);
 * ``ReLU unfused``: the ReLUs between sparse layers run by autograd instead of inside the compiled
   products (``BlockSparseLinear``'s ``relu``/``gate_input``; sparse stacks only);
 * ``indexed batches``: cyclic batches (MNIST-1D's) gathered through indices built every step
   instead of copied as one slice.
 
 on the stacks a search trains: the MNIST-1D MLP dense (1 network, as at sparsity 0) and 2 networks
-at 5% and 1%, LeNet-300-100 dense (3 networks, as at level 0) and 3 networks at level 15's
-densities. Every variant's final weights are compared with the shipped ones: the changes are meant
-to change no bit.
+at 5% and 1%, LeNet-300-100 dense (3 networks, as at level 0), 3 networks pruned but trained dense
+(level 5's densities) and 3 networks at level 15's. Every variant's final weights are compared
+with the shipped ones: the changes are meant to change no bit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterator
 
@@ -32,7 +37,7 @@ from e2e import lenet, random_level_jobs  # benchmarks/e2e.py
 from mnist1d_table import mnist1d_full_train  # benchmarks/mnist1d_table.py
 from sparse_step import mnist1d_jobs  # benchmarks/sparse_step.py
 from ticketlab.core.mask import Mask, prunable_names
-from ticketlab.train import stacked, trainer
+from ticketlab.train import adam_step, sparse_kernel, stacked, trainer
 from ticketlab.train.trainer import Job, Result, TrainSpec, train
 from ticketlab.zoo.data import load_dataset
 from ticketlab.zoo.models import build_model
@@ -43,11 +48,33 @@ STEPS, REPEATS = 300, 5
 @contextlib.contextmanager
 def torch_adam_step() -> Iterator[None]:
     original = trainer.direct_adam
-    trainer.direct_adam = lambda optimizer: optimizer.step
+    trainer.direct_adam = lambda optimizer, masks=(): functools.partial(
+        adam_step._step_then_mask, optimizer.step, list(masks)
+    )
     try:
         yield
     finally:
         trainer.direct_adam = original
+
+
+@contextlib.contextmanager
+def mask_pass() -> Iterator[None]:
+    original = adam_step._masking_kernel
+    adam_step._masking_kernel = lambda group: None
+    try:
+        yield
+    finally:
+        adam_step._masking_kernel = original
+
+
+@contextlib.contextmanager
+def torch_transpose() -> Iterator[None]:
+    original = sparse_kernel.CsrKernel.features_first
+    sparse_kernel.CsrKernel.features_first = lambda self, h: h.transpose(1, 2).contiguous()
+    try:
+        yield
+    finally:
+        sparse_kernel.CsrKernel.features_first = original
 
 
 @contextlib.contextmanager
@@ -92,17 +119,25 @@ def indexed_batches() -> Iterator[None]:
 VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "shipped": contextlib.nullcontext,
     "Adam.step": torch_adam_step,
+    "mask pass": mask_pass,
     "ReLU unfused": relu_unfused,
+    "torch transpose": torch_transpose,
     "indexed batches": indexed_batches,
 }
 
 
-def compare(label: str, template, jobs: list[Job], data, spec: TrainSpec, sparse: bool) -> None:
+#: which stacks each variant applies to: dense, pruned but dense, sparse; cyclic data only
+APPLIES = {
+    "ReLU unfused": "sparse",
+    "torch transpose": "sparse",
+    "mask pass": "pruned",
+}
+
+
+def compare(label: str, template, jobs: list[Job], data, spec: TrainSpec, kind: str) -> None:
     cyclic = spec.data_order == "cyclic"
     variants = [
-        v
-        for v in VARIANTS
-        if (sparse or v != "ReLU unfused") and (cyclic or v != "indexed batches")
+        v for v in VARIANTS if APPLIES.get(v, kind) == kind and (cyclic or v != "indexed batches")
     ]
     warm = dataclasses.replace(spec, steps=20, eval_every=20)
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -140,17 +175,17 @@ def main() -> None:
         Job(job.init, Mask.ones_like({n: job.init[n] for n in names}), data_seed=job.data_seed)
         for job in mnist1d_jobs(data, 1.0)[:1]
     ]
-    compare("mnist1d_mlp, 1 network dense", template, dense, data, spec, sparse=False)
+    compare("mnist1d_mlp, 1 network dense", template, dense, data, spec, "dense")
     for density in (0.05, 0.01):
         label = f"mnist1d_mlp, 2 networks at {density:.0%}"
-        compare(label, template, mnist1d_jobs(data, density), data, spec, sparse=True)
+        compare(label, template, mnist1d_jobs(data, density), data, spec, "sparse")
     mnist5k = load_dataset("mnist5k", 0.1, 0)
     lenet_spec = TrainSpec(steps=STEPS, batch_size=60, lr=1.2e-3, eval_every=100)
-    for level in (0, 15):
+    for level, kind in ((0, "dense"), (5, "pruned"), (15, "sparse")):
         template = lenet(mnist5k.x_train[0].numel(), 0)
         jobs = random_level_jobs(mnist5k, 3, level)
         label = f"lenet_300_100, 3 networks at level {level}"
-        compare(label, template, jobs, mnist5k, lenet_spec, sparse=level > 0)
+        compare(label, template, jobs, mnist5k, lenet_spec, kind)
 
 
 if __name__ == "__main__":

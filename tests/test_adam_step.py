@@ -1,10 +1,17 @@
-"""The direct fused-Adam step is `Adam(fused=True).step` to the bit, or is that step."""
+"""The direct fused-Adam step is `Adam(fused=True).step` to the bit, or is that step; with masks,
+it is that step followed by the masks' multiplication, to the bit."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from typing import Any
+
+import pytest
 import torch
 
-from ticketlab.train.adam_step import direct_adam
+from ticketlab.train import sparse_kernel
+from ticketlab.train.adam_step import _masking_kernel_matches, _step_then_mask, direct_adam
 
 
 def _params(seed: int = 0) -> list[torch.Tensor]:
@@ -84,4 +91,83 @@ def test_other_optimizers_keep_their_own_step():
         torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True),
         torch.optim.Adam([{"params": params[:1]}, {"params": params[1:]}], fused=True),
     ):
-        assert direct_adam(optimizer) == optimizer.step
+        step = direct_adam(optimizer)
+        assert isinstance(step, functools.partial) and step.args[0] == optimizer.step
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# whole 16-float vectors, whole vectors and a tail, a tail alone; the last one is not masked
+MASKED_SHAPES = ((4, 37, 20), (5, 7), (3,), (6, 8))
+
+
+def _masked_run(steps: int, options: dict, direct: bool) -> tuple[list, torch.optim.Optimizer, Any]:
+    """``steps`` steps with masks on the first three parameters (lr changing as a schedule sets
+    it, ~5% of the gradients exactly zero, magnitudes from 1e-6 to 10): the direct stepper, or
+    torch's ``Adam.step`` then ``mul_``."""
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(s, generator=g).requires_grad_() for s in MASKED_SHAPES]
+    keeps = [(torch.rand(s, generator=g) < 0.3).float() for s in MASKED_SHAPES[:3]]
+    with torch.no_grad():
+        for p, keep in zip(params, keeps, strict=False):
+            p.mul_(keep)
+    optimizer = torch.optim.Adam(params, fused=True, **options)
+    masks = list(zip(params, keeps, strict=False))
+    step = (
+        direct_adam(optimizer, masks)
+        if direct
+        else functools.partial(_step_then_mask, optimizer.step, masks)
+    )
+    for i in range(steps):
+        optimizer.param_groups[0]["lr"] = options["lr"] * 0.9 ** (i // 5)
+        for p in params:
+            scale = 10.0 ** torch.randint(-6, 2, p.shape, generator=g)
+            p.grad = (
+                torch.randn(p.shape, generator=g)
+                * scale
+                * (torch.rand(p.shape, generator=g) > 0.05)
+            )
+        step()
+    return params, optimizer, step
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"lr": 0.01},
+        {"lr": 0.003, "weight_decay": 0.05, "betas": (0.8, 0.95), "eps": 1e-6},
+        {"lr": 0.01, "betas": (0.3, 0.999)},  # lerp's other branch: the kernel must refuse it
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_masked_steps_equal_torchs_step_then_the_masks(options, threads):
+    with _threads(threads):
+        ours, mine, step = _masked_run(25, options, direct=True)
+        theirs, reference, _ = _masked_run(25, options, direct=False)
+    for p, q in zip(ours, theirs, strict=True):
+        assert torch.equal(p.detach().view(torch.int32), q.detach().view(torch.int32))
+    assert all(torch.equal(a, b) for a, b in zip(_state(mine), _state(reference), strict=True))
+    one_pass = step.kernel is not None
+    expected = (
+        threads == 1 and options.get("betas", (0.9,))[0] > 0.5 and sparse_kernel.load() is not None
+    )
+    assert one_pass == expected
+    start = _masked_run(0, options, direct=False)[0]
+    for p, p0 in zip(ours[:3], start[:3], strict=True):
+        assert bool((p[p0 == 0] == 0).all())  # pruned weights stayed zero
+        assert bool((p[p0 != 0] != p0[p0 != 0]).all())  # and the kept ones trained
+
+
+def test_the_one_pass_kernel_check_refuses_what_it_does_not_reproduce():
+    if sparse_kernel.load() is None:
+        pytest.skip("no C compiler: the one-pass kernel is never used")
+    assert _masking_kernel_matches(0.9, 0.999, 1e-8, 0.0)
+    assert not _masking_kernel_matches(0.3, 0.999, 1e-8, 0.0)  # lerp from the other end

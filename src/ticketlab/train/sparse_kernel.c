@@ -1,7 +1,8 @@
 /* ticketlab's CSR products, float32, one CPU thread each; built by sparse_kernel.py. Inference:
  * y = x W^T + b (ticketlab_csr_linear). Training on features-first activations, at the end of
  * this file: A @ X^T and A^T @ G (ticketlab_csr_rows), the weight gradient at the survivors
- * (ticketlab_sampled_dot).
+ * (ticketlab_sampled_dot), and the features-first copy of a batch they read (ticketlab_transpose).
+ * Also one masked Adam update (ticketlab_adam), which trains the dense path's pruned layers.
  *
  * Why a kernel of our own: torch's CSR product (MKL) runs LeNet-300-100's 784x300 layer at 5% of
  * the weights at ~17 GFLOP/s, too slow to make a ticket much faster than the dense network.
@@ -13,6 +14,7 @@
  *
  * Summation order differs from a dense matmul's (and between the two paths), so results equal
  * nn.Linear's up to float rounding. */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -316,4 +318,79 @@ void ticketlab_sampled_dot(const int32_t *restrict rows, const int32_t *restrict
         for (int i = 1; i < 16; i++) sum += lanes[i];
         for (int64_t i = 0; i < m; i++) out[k0 + i] = sum[i];
     }
+}
+
+/* dst[n][f][b] = src[n * ldk + b * ldb + f]: K blocks of [batch, features] rows copied
+ * features-first, as the products above read them. 16x16 blocks go through registers; where
+ * batch or features is not a multiple of 16 the last block overlaps the one before it (the same
+ * floats written twice); below 16 a plain loop. torch's copy of the transposed view ran at ~0.5
+ * GB/s: at LeNet-300-100's sparse levels it cost more than the first layer's product. */
+void ticketlab_transpose(const float *restrict src, int64_t k, int64_t batch, int64_t features,
+                         int64_t ldk, int64_t ldb, float *restrict dst)
+{
+    for (int64_t n = 0; n < k; n++) {
+        const float *s = src + n * ldk;
+        float *d = dst + n * features * batch;
+        if (batch < 16 || features < 16) {
+            for (int64_t b = 0; b < batch; b++)
+                for (int64_t f = 0; f < features; f++) d[f * batch + b] = s[b * ldb + f];
+            continue;
+        }
+        for (int64_t b0 = 0; b0 < batch; b0 += 16) {
+            const int64_t b = b0 + 16 <= batch ? b0 : batch - 16;
+            for (int64_t f0 = 0; f0 < features; f0 += 16) {
+                const int64_t f = f0 + 16 <= features ? f0 : features - 16;
+                vf v[16];
+                for (int j = 0; j < 16; j++) v[j] = *(const vf *)(s + (b + j) * ldb + f);
+                transpose16(v);
+                for (int c = 0; c < 16; c++) *(vf *)(d + (f + c) * batch + b) = v[c];
+            }
+        }
+    }
+}
+
+/* ---- Adam with the mask in the same pass -----------------------------------------------------
+ *
+ * A pruned layer trained dense is stepped by Adam and then multiplied by its mask, two passes over
+ * the weights (about a third of a dense LeNet-300-100 level's step is these passes). This is
+ * torch's fused CPU Adam (float32, no amsgrad/maximize, Adam's L2 weight decay) with the
+ * multiplication by the mask as each weight is stored. The arithmetic is that kernel's vector path
+ * as this CPU runs it: exp_avg.lerp_(grad, 1 - beta1) as fma(1 - beta1, grad - m, m) (1 - beta1 <
+ * 0.5), exp_avg_sq as fma((1 - beta2) grad, grad, v beta2), the weight decay as fma(p, wd, grad).
+ * Each lane is computed alone, so the result does not depend on vector width; train/adam_step.py
+ * runs it only on whole vectors (n a multiple of 16, torch's scalar tail stays torch's) and only
+ * after it reproduced torch's kernel bit for bit in this process. */
+static inline __attribute__((always_inline)) void
+adam_span(float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
+          const float *restrict keep, int64_t n, float c1, float c2, float b2, float bc2_sqrt,
+          float eps, float neg_step, float wd, const int decay)
+{
+    for (int64_t i = 0; i < n; i++) {
+        float grad = g[i];
+        if (decay) grad = __builtin_fmaf(p[i], wd, grad);
+        const float mi = __builtin_fmaf(c1, grad - m[i], m[i]);
+        const float vi = __builtin_fmaf(c2 * grad, grad, v[i] * b2);
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = (p[i] + neg_step * mi / (__builtin_sqrtf(vi) / bc2_sqrt + eps)) * keep[i];
+    }
+}
+
+/* One step (``step``: the count after this update, as torch's state holds it) of n weights p with
+ * gradients g and moments m, v, then p *= keep. */
+void ticketlab_adam(float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
+                    const float *restrict keep, int64_t n, double lr, double beta1, double beta2,
+                    double eps, double weight_decay, double step)
+{
+    /* in double, as torch computes them */
+    const double bias_correction1 = 1 - pow(beta1, step);
+    const double bias_correction2 = 1 - pow(beta2, step);
+    const float neg_step = (float)(-(lr / bias_correction1));
+    const float bc2_sqrt = (float)sqrt(bias_correction2);
+    const float c1 = (float)(1 - beta1), c2 = (float)(1 - beta2), b2 = (float)beta2;
+    const float wd = (float)weight_decay;
+    if (weight_decay != 0.0)
+        adam_span(p, g, m, v, keep, n, c1, c2, b2, bc2_sqrt, (float)eps, neg_step, wd, 1);
+    else
+        adam_span(p, g, m, v, keep, n, c1, c2, b2, bc2_sqrt, (float)eps, neg_step, wd, 0);
 }

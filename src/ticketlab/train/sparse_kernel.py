@@ -35,7 +35,8 @@ from ..errors import TicketlabError
 
 SWITCH_ENV = "TICKETLAB_SPARSE_KERNEL"
 SOURCE = Path(__file__).with_name("sparse_kernel.c")
-FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fno-strict-aliasing")
+# -fno-math-errno: sqrtf without an errno check, so that the Adam loop vectorizes
+FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fno-strict-aliasing", "-fno-math-errno")
 #: Tried in order: the host's vector width where the compiler knows the flag, else portable code.
 ARCH_FLAGS = (("-march=native",), ("-mcpu=native",), ())
 
@@ -61,6 +62,8 @@ class CsrKernel:
     linear_function: ctypes._CFuncPtr
     rows_function: ctypes._CFuncPtr
     dot_function: ctypes._CFuncPtr
+    transpose_function: ctypes._CFuncPtr
+    adam_function: ctypes._CFuncPtr
     path: Path
 
     def linear(self, x: torch.Tensor, weight: ctypes._Pointer, n_out: int) -> torch.Tensor:
@@ -118,6 +121,32 @@ class CsrKernel:
             xt.data_ptr(),
             xt.shape[1],
             out.data_ptr(),
+        )
+        return out
+
+    def adam(
+        self,
+        tensors: tuple[torch.Tensor, ...],
+        n: int,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        step: float,
+    ) -> None:
+        """``ticketlab_adam`` on the first ``n`` elements of contiguous float32 CPU tensors
+        ``(param, grad, exp_avg, exp_avg_sq, keep)``, in place; ``step`` counts this update."""
+        self.adam_function(*(t.data_ptr() for t in tensors), n, lr, *betas, eps, weight_decay, step)
+
+    def features_first(self, h: torch.Tensor) -> torch.Tensor:
+        """A new contiguous ``[K, F, B]`` copy of float32 ``h`` ``[K, B, F]`` on the CPU, whose
+        features are contiguous (any stride between rows and networks, 0 for a shared batch)."""
+        k, batch, features = h.shape
+        if h.stride(2) != 1 or h.dtype != torch.float32 or not h.is_cpu:
+            raise ValueError("features_first takes CPU float32 with contiguous features")
+        out = torch.empty(k, features, batch)
+        self.transpose_function(
+            h.data_ptr(), k, batch, features, h.stride(0), h.stride(1), out.data_ptr()
         )
         return out
 
@@ -224,7 +253,7 @@ def _build(compiler: str, arch: tuple[str, ...]) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         subprocess.run(
-            [compiler, *FLAGS, *arch, str(SOURCE), "-o", str(built)],
+            [compiler, *FLAGS, *arch, str(SOURCE), "-o", str(built), "-lm"],
             check=True,
             capture_output=True,
             text=True,
@@ -270,7 +299,21 @@ def _open(path: Path) -> CsrKernel:
         ctypes.c_void_p,  # out
     ]
     dot.restype = None
-    return CsrKernel(linear, rows, dot, path)
+    transpose = library.ticketlab_transpose
+    transpose.argtypes = [
+        ctypes.c_void_p,  # src
+        ctypes.c_int64,  # networks
+        ctypes.c_int64,  # batch
+        ctypes.c_int64,  # features
+        ctypes.c_int64,  # stride between networks
+        ctypes.c_int64,  # stride between rows
+        ctypes.c_void_p,  # dst
+    ]
+    transpose.restype = None
+    adam = library.ticketlab_adam
+    adam.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_double] * 6
+    adam.restype = None
+    return CsrKernel(linear, rows, dot, transpose, adam, path)
 
 
 def _agrees_with_dense(kernel: CsrKernel) -> bool:
@@ -306,8 +349,13 @@ def _agrees_with_dense(kernel: CsrKernel) -> bool:
     sampled = kernel.sampled_dot(rows_of, indices, gt, xt)
     full = gt.double() @ xt.double().T
     product = w64 @ xt.double()
+    rows_first = torch.randn(3, 21, 40, generator=g)[:, :, 3:]  # strided rows, ragged sizes
     return (
-        close(forward, product + bias.double()[:, None])
+        all(
+            torch.equal(kernel.features_first(h), h.transpose(1, 2))
+            for h in (rows_first, rows_first[:, :9], rows_first[:1].expand(2, -1, -1))
+        )
+        and close(forward, product + bias.double()[:, None])
         and close(relu, (product + bias.double()[:, None]).clamp_min(0))
         and close(gated, product * (gate > 0))
         and close(sampled, full[rows_of.long(), indices.long()])

@@ -118,10 +118,15 @@ class BlockSparseLinear(torch.autograd.Function):
         ctx, values, ht, bias, pattern: BlockPattern, relu: bool = False, gate_input: bool = False
     ):
         k, inp, batch = ht.shape
-        xt = ht.reshape(k * inp, batch)
-        compiled = _compiled_kernel(values, xt)
-        if compiled is not None:
-            xt, values = xt.contiguous(), values.contiguous()
+        compiled = _compiled_kernel(values, ht)
+        if compiled is None:
+            xt = ht.reshape(k * inp, batch)
+        else:
+            values = values.contiguous()
+            if ht.stride(1) == 1 and not ht.is_contiguous():  # a [K, B, F] batch, seen transposed
+                xt = compiled.features_first(ht.transpose(1, 2)).view(k * inp, batch)
+            else:
+                xt = ht.reshape(k * inp, batch).contiguous()
         ctx.save_for_backward(values, xt)
         ctx.pattern, ctx.input_shape, ctx.compiled = pattern, ht.shape, compiled
         ctx.gate_input = gate_input
@@ -171,12 +176,12 @@ class BlockSparseLinear(torch.autograd.Function):
         return grad_values, grad_ht, grad_bias, None, None, None
 
 
-def _compiled_kernel(values: torch.Tensor, xt: torch.Tensor) -> sparse_kernel.CsrKernel | None:
+def _compiled_kernel(values: torch.Tensor, ht: torch.Tensor) -> sparse_kernel.CsrKernel | None:
     """The compiled kernels where they apply: float32 on the CPU, batches of 16 or more (their
     16-wide chunks), not switched off; else None and torch's CSR kernels."""
-    if values.dtype != torch.float32 or xt.dtype != torch.float32 or xt.shape[1] < 16:
+    if values.dtype != torch.float32 or ht.dtype != torch.float32 or ht.shape[-1] < 16:
         return None
-    if xt.device.type != "cpu" or not sparse_kernel.enabled():
+    if ht.device.type != "cpu" or not sparse_kernel.enabled():
         return None
     return sparse_kernel.load()
 

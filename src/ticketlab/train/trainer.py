@@ -557,7 +557,8 @@ def _train_loop(
     every = checkpointer.every if checkpointer else 0
     resumed_at = saved_step(saved)
     groups = optimizer.param_groups
-    step_optimizer = direct_adam(optimizer)  # after any resume: it holds the state tensors
+    # after any resume (it holds the state tensors); it multiplies the masks in after each step
+    step_optimizer = direct_adam(optimizer, [(stack.params[n], keep) for n, keep in masks.items()])
     params = [p for group in groups for p in group["params"]]
     forward = stack.forward
     lr_now = None
@@ -594,12 +595,12 @@ def _train_loop(
             param.grad = None
         if scaler is None:
             per_net_loss.sum().backward()
-            step_optimizer()
+            step_optimizer()  # masks included
         else:
             scaler.scale(per_net_loss.sum()).backward()
             scaler.step(optimizer)
             scaler.update()
-        _apply_masks(stack, masks)
+            _apply_masks(stack, masks)
         run.pending.append((step, per_net_loss.detach()))
         if progress:
             progress(k)
