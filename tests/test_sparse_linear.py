@@ -22,6 +22,7 @@ from test_trainer import (
     state_of,
 )
 from ticketlab.core.mask import Mask, prunable_names
+from ticketlab.train import sparse_kernel
 from ticketlab.train.sparse_linear import BlockPattern, sparse_linear
 from ticketlab.train.stacked import SequentialStack, stack_networks
 from ticketlab.train.trainer import Job, train, train_stack
@@ -243,8 +244,6 @@ def test_the_fused_relu_treats_nan_and_signed_zeros_as_torchs_relu_does():
     """A diverging network's NaN and infinite activations, zeros of both signs: the fused ReLU is
     torch's ReLU of the unfused product to the bit, and the gate is torch's ReLU backward (which
     passes the gradient where the ReLU's output is NaN)."""
-    from ticketlab.train import sparse_kernel
-
     kernel = sparse_kernel.load()
     if kernel is None:
         pytest.skip("no compiled kernel here")
@@ -267,3 +266,31 @@ def test_the_fused_relu_treats_nan_and_signed_zeros_as_torchs_relu_does():
     gated = kernel.rows(indptr, indices, values, None, grad, torch.empty(n, batch), gate=xt)
     assert torch.equal(bits(gated), bits(torch.ops.aten.threshold_backward(unfused, xt, 0)))
     assert bool(gated[xt.isnan()].ne(0).all())  # the gradient passes where the output is NaN
+
+
+@pytest.mark.parametrize(
+    "shape, rows, networks",
+    [
+        (
+            (3, 60, 784),
+            slice(None),
+            slice(None),
+        ),  # LeNet's batch: whole 16x16 blocks and a ragged one
+        ((2, 40, 37), slice(3, 24), slice(None)),  # strided rows, sizes not multiples of 16
+        ((1, 21, 50), slice(None), [0, 0, 0]),  # one batch shared by three networks (stride 0)
+        ((2, 9, 70), slice(None), slice(None)),  # fewer than 16 rows: the plain loop
+        ((2, 30, 5), slice(None), slice(None)),  # fewer than 16 features
+    ],
+)
+def test_the_compiled_features_first_copy_moves_every_float_exactly(shape, rows, networks):
+    kernel = sparse_kernel.load()
+    if kernel is None:
+        pytest.skip("no C compiler")
+    h = torch.randn(shape)
+    h[0, 0, 0], h[-1, -1, -1] = float("nan"), -0.0
+    h = h[:, rows]
+    if isinstance(networks, list):
+        h = h.expand(len(networks), -1, -1)
+    got = kernel.features_first(h)
+    assert got.is_contiguous() and got.shape == (h.shape[0], h.shape[2], h.shape[1])
+    assert torch.equal(got.view(torch.int32), h.transpose(1, 2).contiguous().view(torch.int32))
