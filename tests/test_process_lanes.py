@@ -231,3 +231,44 @@ def test_forking_after_this_process_trained_with_its_own_threads_does_not_hang(t
         env=env,
     )
     assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-2000:]
+
+
+def test_children_start_with_what_every_level_would_import_again(tmp_path):
+    """``torch._dynamo`` (imported by a process's first optimizer, over a second) is imported once
+    in the parent, not in every child of every level: checked in a fresh interpreter, whose
+    children report what they found loaded when their stack started."""
+    code = f"""
+        import sys, torch
+        from ticketlab.core.mask import Mask, prunable_names
+        from ticketlab.train import trainer
+        from ticketlab.train.trainer import Job, TrainSpec, train
+        from ticketlab.zoo.data import load_dataset
+        from ticketlab.zoo.models import build_model
+        assert "torch._dynamo" not in sys.modules
+        real = trainer.train_stack
+        def reporting(template, jobs, *args, **kwargs):
+            with open({str(tmp_path / "seen")!r}, "a") as fh:
+                fh.write(str("torch._dynamo" in sys.modules) + "\\n")
+            return real(template, jobs, *args, **kwargs)
+        trainer.train_stack = reporting
+        data = load_dataset("mnist1d")
+        template = build_model("mnist1d_mlp", data.input_shape, data.num_classes, seed=0)
+        names = prunable_names(template)
+        jobs = []
+        for i in range(2):
+            net = build_model("mnist1d_mlp", data.input_shape, data.num_classes, seed=i)
+            state = {{k: v.detach().clone() for k, v in net.state_dict().items()}}
+            jobs.append(Job(state, Mask.ones_like({{n: state[n] for n in names}}), data_seed=i))
+        train(template, jobs, data, TrainSpec(steps=5, batch_size=100, eval_every=5), lanes=2)
+        print("done")
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TICKETLAB_LANES"}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-2000:]
+    assert (tmp_path / "seen").read_text().split() == ["True", "True"]
