@@ -360,6 +360,13 @@ void ticketlab_transpose(const float *restrict src, int64_t k, int64_t batch, in
  * Each lane is computed alone, so the result does not depend on vector width; train/adam_step.py
  * runs it only on whole vectors (n a multiple of 16, torch's scalar tail stays torch's) and only
  * after it reproduced torch's kernel bit for bit in this process. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+/* GCC vectorizes this loop 256 bits wide on AVX-512 CPUs unless told: torch's kernel runs 512 */
+#define WIDEST_VECTORS __attribute__((target("prefer-vector-width=512")))
+#else
+#define WIDEST_VECTORS
+#endif
+
 static inline __attribute__((always_inline)) void
 adam_span(float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
           const float *restrict keep, int64_t n, float c1, float c2, float b2, float bc2_sqrt,
@@ -378,7 +385,7 @@ adam_span(float *restrict p, const float *restrict g, float *restrict m, float *
 
 /* One step (``step``: the count after this update, as torch's state holds it) of n weights p with
  * gradients g and moments m, v, then p *= keep. */
-void ticketlab_adam(float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
+WIDEST_VECTORS void ticketlab_adam(float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
                     const float *restrict keep, int64_t n, double lr, double beta1, double beta2,
                     double eps, double weight_decay, double step)
 {
