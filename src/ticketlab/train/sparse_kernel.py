@@ -1,6 +1,7 @@
 """Compiled CSR kernels for the CPU (``sparse_kernel.c``): ``SparseLinear``'s inference product
 and the sparse training path's three products (forward, input gradient, weight gradient at the
-survivors).
+survivors), with the features-first copy of a batch they read; and, in the same library, the
+one-pass masked Adam update ``train/adam_step.py`` uses for pruned layers trained dense.
 
 torch's CSR kernels (MKL) run a ticket's layers at a small fraction of the dense matmul's rate and
 pay a large fixed cost per call: an exported LeNet-300-100 at 5% of the weights was only ~1.8x its
@@ -11,8 +12,8 @@ The library is built with the system C compiler (``$CC``, else ``cc``, ``gcc`` o
 this CPU the first time a process needs it and cached under ``$XDG_CACHE_HOME/ticketlab/kernels``
 (default ``~/.cache/ticketlab/kernels``), keyed by the source, compiler, flags and CPU, so later
 processes only load it. A build that fails, or that does not reproduce float64 products on a small
-check, is reported in one warning and torch's CSR kernels are used instead;
-``TICKETLAB_SPARSE_KERNEL=0`` chooses that too.
+check, is reported in one warning and torch's CSR kernels are used instead (and torch's Adam
+followed by the mask's multiplication); ``TICKETLAB_SPARSE_KERNEL=0`` chooses that too.
 """
 
 from __future__ import annotations
