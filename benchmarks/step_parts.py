@@ -29,7 +29,8 @@ import contextlib
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from unittest import mock
 
 import torch
 
@@ -43,86 +44,43 @@ from ticketlab.zoo.data import load_dataset
 from ticketlab.zoo.models import build_model
 
 STEPS, REPEATS = 300, 5
+# what the variants below replace, for the ones that call the original
+_SPARSIFY = stacked.SequentialStack.sparsify
+_BATCHES = trainer.Batches.__call__
 
 
-@contextlib.contextmanager
-def torch_adam_step() -> Iterator[None]:
-    original = trainer.direct_adam
-    trainer.direct_adam = lambda optimizer, masks=(): functools.partial(
-        adam_step._step_then_mask, optimizer.step, list(masks)
-    )
-    try:
-        yield
-    finally:
-        trainer.direct_adam = original
+def _torch_adam_step(optimizer, masks=()):
+    return functools.partial(adam_step._step_then_mask, optimizer.step, list(masks))
 
 
-@contextlib.contextmanager
-def mask_pass() -> Iterator[None]:
-    original = adam_step._masking_kernel
-    adam_step._masking_kernel = lambda group: None
-    try:
-        yield
-    finally:
-        adam_step._masking_kernel = original
+def _relu_unfused_sparsify(self, *args, **kwargs):
+    chosen = _SPARSIFY(self, *args, **kwargs)
+    self._folded_relus = frozenset()
+    return chosen
 
 
-@contextlib.contextmanager
-def torch_transpose() -> Iterator[None]:
-    original = sparse_kernel.CsrKernel.features_first
-    sparse_kernel.CsrKernel.features_first = lambda self, h: h.transpose(1, 2).contiguous()
-    try:
-        yield
-    finally:
-        sparse_kernel.CsrKernel.features_first = original
-
-
-@contextlib.contextmanager
-def relu_unfused() -> Iterator[None]:
-    original = stacked.SequentialStack.sparsify
-
-    def sparsify(self, *args, **kwargs):
-        chosen = original(self, *args, **kwargs)
-        self._folded_relus = frozenset()
-        return chosen
-
-    stacked.SequentialStack.sparsify = sparsify
-    try:
-        yield
-    finally:
-        stacked.SequentialStack.sparsify = original
-
-
-@contextlib.contextmanager
-def indexed_batches() -> Iterator[None]:
+def _indexed_batches(self, step: int):
     """The previous cyclic batches: the rows' indices built and gathered every step."""
-    original = trainer.Batches.__call__
-
-    def gather(self, step: int):
-        if not self.cyclic:
-            return original(self, step)
-        start = step * self.batch
-        idx = (torch.arange(start, start + min(self.batch, self.n)) % self.n).repeat(
-            len(self.seeds)
-        )
-        torch.index_select(self.x, 0, idx, out=self.x_out)
-        torch.index_select(self.y, 0, idx, out=self.y_out)
-        return self.x_out.view(len(self.seeds), -1, *self.shape), self.y_out
-
-    trainer.Batches.__call__ = gather
-    try:
-        yield
-    finally:
-        trainer.Batches.__call__ = original
+    if not self.cyclic:
+        return _BATCHES(self, step)
+    start = step * self.batch
+    idx = (torch.arange(start, start + min(self.batch, self.n)) % self.n).repeat(len(self.seeds))
+    torch.index_select(self.x, 0, idx, out=self.x_out)
+    torch.index_select(self.y, 0, idx, out=self.y_out)
+    return self.x_out.view(len(self.seeds), -1, *self.shape), self.y_out
 
 
 VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "shipped": contextlib.nullcontext,
-    "Adam.step": torch_adam_step,
-    "mask pass": mask_pass,
-    "ReLU unfused": relu_unfused,
-    "torch transpose": torch_transpose,
-    "indexed batches": indexed_batches,
+    "Adam.step": lambda: mock.patch.object(trainer, "direct_adam", _torch_adam_step),
+    "mask pass": lambda: mock.patch.object(adam_step, "_masking_kernel", lambda group: None),
+    "ReLU unfused": lambda: mock.patch.object(
+        stacked.SequentialStack, "sparsify", _relu_unfused_sparsify
+    ),
+    "torch transpose": lambda: mock.patch.object(
+        sparse_kernel.CsrKernel, "features_first", lambda self, h: h.transpose(1, 2).contiguous()
+    ),
+    "indexed batches": lambda: mock.patch.object(trainer.Batches, "__call__", _indexed_batches),
 }
 
 

@@ -194,37 +194,31 @@ def test_killing_the_parent_kills_its_children(tmp_path, how):
     assert not alive
 
 
-def test_forking_after_this_process_trained_with_its_own_threads_does_not_hang(tmp_path):
-    """One stack in this process (2 intra-op threads using MKL), then two in process lanes, over
-    and over, in a fresh interpreter without ``MKL_DISABLE_FAST_MM``: the pattern of a search
-    whose levels have one network, then several. (Alternating *thread lanes* with process lanes
-    did hang a child within five rounds here; the trainer never does that by default.)"""
-    code = """
-        import os, torch
-        from ticketlab.core.mask import Mask, prunable_names
-        from ticketlab.train.trainer import Job, TrainSpec, train
-        from ticketlab.zoo.data import load_dataset
-        from ticketlab.zoo.models import build_model
-        torch.set_num_threads(2)
-        data = load_dataset("mnist1d")
-        template = build_model("mnist1d_mlp", data.input_shape, data.num_classes, seed=0)
-        names = prunable_names(template)
-        jobs = []
-        for i in range(2):
-            net = build_model("mnist1d_mlp", data.input_shape, data.num_classes, seed=i)
-            state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            jobs.append(Job(state, Mask.ones_like({n: state[n] for n in names}), data_seed=i))
-        spec = TrainSpec(steps=30, batch_size=100, eval_every=30)
-        for _ in range(12):
-            train(template, jobs[:1], data, spec)
-            train(template, jobs, data, spec, lanes=2)
-        print("done")
-    """
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("MKL_DISABLE_FAST_MM", "TICKETLAB_LANES")
-    }
+#: Python for a fresh interpreter: two dense MNIST-1D jobs, ``template``, ``data`` and ``jobs``
+_TWO_MNIST1D_JOBS = """
+import sys, torch
+from ticketlab.core.mask import Mask, prunable_names
+from ticketlab.train import trainer
+from ticketlab.train.trainer import Job, TrainSpec, train
+from ticketlab.zoo.data import load_dataset
+from ticketlab.zoo.models import build_model
+data = load_dataset("mnist1d")
+template = build_model("mnist1d_mlp", data.input_shape, data.num_classes, seed=0)
+names = prunable_names(template)
+jobs = []
+for i in range(2):
+    net = build_model("mnist1d_mlp", data.input_shape, data.num_classes, seed=i)
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    jobs.append(Job(state, Mask.ones_like({n: state[n] for n in names}), data_seed=i))
+"""
+
+
+def _run_fresh(code: str, without: tuple[str, ...]) -> None:
+    """``code`` in a fresh interpreter, the environment's ``without`` variables unset; it must
+    print "done"."""
+    env = {k: v for k, v in os.environ.items() if k not in without}
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=300,
@@ -233,17 +227,27 @@ def test_forking_after_this_process_trained_with_its_own_threads_does_not_hang(t
     assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-2000:]
 
 
+def test_forking_after_this_process_trained_with_its_own_threads_does_not_hang(tmp_path):
+    """One stack in this process (2 intra-op threads using MKL), then two in process lanes, over
+    and over, in a fresh interpreter without ``MKL_DISABLE_FAST_MM``: the pattern of a search
+    whose levels have one network, then several. (Alternating *thread lanes* with process lanes
+    did hang a child within five rounds here; the trainer never does that by default.)"""
+    code = _TWO_MNIST1D_JOBS + textwrap.dedent("""
+        torch.set_num_threads(2)
+        spec = TrainSpec(steps=30, batch_size=100, eval_every=30)
+        for _ in range(12):
+            train(template, jobs[:1], data, spec)
+            train(template, jobs, data, spec, lanes=2)
+        print("done")
+    """)
+    _run_fresh(code, without=("MKL_DISABLE_FAST_MM", "TICKETLAB_LANES"))
+
+
 def test_children_start_with_what_every_level_would_import_again(tmp_path):
     """``torch._dynamo`` (imported by a process's first optimizer, over a second) is imported once
     in the parent, not in every child of every level: checked in a fresh interpreter, whose
     children report what they found loaded when their stack started."""
-    code = f"""
-        import sys, torch
-        from ticketlab.core.mask import Mask, prunable_names
-        from ticketlab.train import trainer
-        from ticketlab.train.trainer import Job, TrainSpec, train
-        from ticketlab.zoo.data import load_dataset
-        from ticketlab.zoo.models import build_model
+    code = _TWO_MNIST1D_JOBS + textwrap.dedent(f"""
         assert "torch._dynamo" not in sys.modules
         real = trainer.train_stack
         def reporting(template, jobs, *args, **kwargs):
@@ -251,24 +255,8 @@ def test_children_start_with_what_every_level_would_import_again(tmp_path):
                 fh.write(str("torch._dynamo" in sys.modules) + "\\n")
             return real(template, jobs, *args, **kwargs)
         trainer.train_stack = reporting
-        data = load_dataset("mnist1d")
-        template = build_model("mnist1d_mlp", data.input_shape, data.num_classes, seed=0)
-        names = prunable_names(template)
-        jobs = []
-        for i in range(2):
-            net = build_model("mnist1d_mlp", data.input_shape, data.num_classes, seed=i)
-            state = {{k: v.detach().clone() for k, v in net.state_dict().items()}}
-            jobs.append(Job(state, Mask.ones_like({{n: state[n] for n in names}}), data_seed=i))
         train(template, jobs, data, TrainSpec(steps=5, batch_size=100, eval_every=5), lanes=2)
         print("done")
-    """
-    env = {k: v for k, v in os.environ.items() if k != "TICKETLAB_LANES"}
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-2000:]
+    """)
+    _run_fresh(code, without=("TICKETLAB_LANES",))
     assert (tmp_path / "seen").read_text().split() == ["True", "True"]
