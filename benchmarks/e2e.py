@@ -282,7 +282,7 @@ def ticketlab_search(levels: int, replicates: int, steps: int, out: Path):
     pieces.wrap(trainer, "train_stack", "train_stack (lane-s)")
     pieces.wrap(trainer, "_evaluate", "evaluation (lane-s)")
     pieces.wrap(trainer.Batches, "__call__", "batch gathering (lane-s)")
-    pieces.wrap(imp.StoreCheckpointer, "save", "checkpoint writes")
+    pieces.wrap(imp.StoreCheckpointer, "save", "checkpoint writes (lane-s)")
     pieces.wrap(imp, "save_level", "level results written")
     pieces.wrap(imp, "train_level", "training levels (wall)")
     level_seconds: list[float] = []

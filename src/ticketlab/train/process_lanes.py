@@ -8,12 +8,13 @@ level 15, 3 networks a lane, 3.62 and 2.42; dense stacks within 10% (their matmu
 
 Forking shares what the stacks need (template, data set, jobs, the loaded sparse kernel) without
 copying or pickling it. Each child trains its stacks with one intra-op thread, as a thread lane
-does, so the results are the same bits; it sends back progress (at most ten messages a second),
-its checkpoints, which the parent writes through the experiment's own checkpointer, and its
-results. A job's ``on_eval`` runs in the parent, which may keep what it sees (early-bird does):
-the child sends the weights and waits for the answer. A failure in one child, or Ctrl-C, stops
-the others; a child that dies without a word (killed, out of memory) is an error naming its exit
-code; a child whose parent is killed dies too.
+does, so the results are the same bits; it sends back progress (at most ten messages a second)
+and its results. It writes its checkpoints itself when the checkpointer only writes files
+(``saves_from_any_process``, the run folder's); any other checkpointer's saves are sent to the
+parent, which calls it. A job's ``on_eval`` runs in the parent, which may keep what it sees
+(early-bird does): the child sends the weights and waits for the answer. A failure in one
+child, or Ctrl-C, stops the others; a child that dies without a word (killed, out of memory) is
+an error naming its exit code; a child whose parent is killed dies too.
 
 One hazard, measured: MKL's buffer manager can leave a child forked from a process in which
 *threads that used MKL have come and gone* spinning forever (``mm_account_ptr_by_tid`` in gdb).
@@ -151,7 +152,8 @@ def _child(
     try:
         torch.set_num_threads(1)
         progress = _ThrottledProgress(conn)
-        relayed = _RelayedCheckpointer(checkpointer, conn) if checkpointer is not None else None
+        own = checkpointer is None or getattr(checkpointer, "saves_from_any_process", False)
+        relayed = checkpointer if own else _RelayedCheckpointer(checkpointer, conn)
 
         def ask(job: int, step: int, weights: Any) -> bool:
             progress.flush()

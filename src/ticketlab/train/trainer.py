@@ -149,7 +149,11 @@ class Result:
 
 
 class Checkpointer(Protocol):
-    """Where a stack's mid-training state goes; the experiment decides the file and its checks."""
+    """Where a stack's mid-training state goes; the experiment decides the file and its checks.
+
+    One whose ``save`` only writes a file may say so with a true ``saves_from_any_process``
+    attribute: a forked process lane then saves for itself instead of sending the state to its
+    parent (``process_lanes``)."""
 
     every: int
 
