@@ -14,6 +14,8 @@ once per round, so a slow spell of the shared machine hits them alike):
   of the transposed view instead of ``ticketlab_transpose`` (sparse stacks only);
 * ``ReLU unfused``: the ReLUs between sparse layers run by autograd instead of inside the compiled
   products (``BlockSparseLinear``'s ``relu``/``gate_input``; sparse stacks only);
+* ``autograd``: a dense MLP's forward, loss and gradients through autograd, which allocates every
+  product's output afresh, instead of ``ticketlab.train.mlp_step`` (dense and pruned stacks);
 * ``indexed batches``: cyclic batches (MNIST-1D's) gathered through indices built every step
   instead of copied as one slice.
 
@@ -38,7 +40,7 @@ from e2e import lenet, random_level_jobs  # benchmarks/e2e.py
 from mnist1d_table import mnist1d_full_train  # benchmarks/mnist1d_table.py
 from sparse_step import mnist1d_jobs  # benchmarks/sparse_step.py
 from ticketlab.core.mask import Mask, prunable_names
-from ticketlab.train import adam_step, sparse_kernel, stacked, trainer
+from ticketlab.train import adam_step, mlp_step, sparse_kernel, stacked, trainer
 from ticketlab.train.trainer import Job, Result, TrainSpec, train
 from ticketlab.zoo.data import load_dataset
 from ticketlab.zoo.models import build_model
@@ -81,22 +83,25 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
         sparse_kernel.CsrKernel, "features_first", lambda self, h: h.transpose(1, 2).contiguous()
     ),
     "indexed batches": lambda: mock.patch.object(trainer.Batches, "__call__", _indexed_batches),
+    "autograd": lambda: mock.patch.object(
+        mlp_step.MlpStep, "for_stack", classmethod(lambda cls, *args, **kwargs: None)
+    ),
 }
 
 
 #: which stacks each variant applies to: dense, pruned but dense, sparse; cyclic data only
 APPLIES = {
-    "ReLU unfused": "sparse",
-    "torch transpose": "sparse",
-    "mask pass": "pruned",
+    "ReLU unfused": ("sparse",),
+    "torch transpose": ("sparse",),
+    "mask pass": ("pruned",),
+    "autograd": ("dense", "pruned"),
 }
 
 
 def compare(label: str, template, jobs: list[Job], data, spec: TrainSpec, kind: str) -> None:
     cyclic = spec.data_order == "cyclic"
-    variants = [
-        v for v in VARIANTS if APPLIES.get(v, kind) == kind and (cyclic or v != "indexed batches")
-    ]
+    applies = [v for v in VARIANTS if kind in APPLIES.get(v, (kind,))]
+    variants = [v for v in applies if cyclic or v != "indexed batches"]
     warm = dataclasses.replace(spec, steps=20, eval_every=20)
     times: dict[str, list[float]] = {v: [] for v in variants}
     finals: dict[str, list[Result]] = {}

@@ -48,6 +48,7 @@ from .device import (
     placement,
     to_cpu,
 )
+from .mlp_step import MlpStep
 from .process_lanes import lane_kind, train_in_processes
 from .sparse_linear import SPARSE_BELOW
 from .stacked import (
@@ -565,6 +566,8 @@ def _train_loop(
     step_optimizer = direct_adam(optimizer, [(stack.params[n], keep) for n, keep in masks.items()])
     params = [p for group in groups for p in group["params"]]
     forward = stack.forward
+    # a dense MLP's forward, loss and gradients without autograd, into kept buffers (same bits)
+    direct = MlpStep.for_stack(stack, data.y_train, where.mixed) if scaler is None else None
     lr_now = None
     stopping = [False] * k
     for step in range(run.step, spec.steps + 1):
@@ -587,21 +590,23 @@ def _train_loop(
             for group in groups:
                 group["lr"] = lr
             lr_now = lr
-        with autocast():
-            logits = forward(x)  # [K, B, classes], or [K, B, T, vocab] for sequences
-        logits = logits.float() if where.mixed else logits  # the loss in float32 (no-op in fp32)
-        per_net_loss = (
-            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, reduction="none")
-            .view(k, -1)
-            .mean(dim=1)
-        )
-        for param in params:  # optimizer.zero_grad(set_to_none=True) without its overhead
-            param.grad = None
+        if direct is not None:
+            per_net_loss = direct(x, y)  # forward, loss and gradients
+        else:
+            with autocast():
+                logits = forward(x)  # [K, B, classes], or [K, B, T, vocab] for sequences
+            logits = logits.float() if where.mixed else logits  # the loss in float32 (fp32: no-op)
+            per_net_loss = (
+                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, reduction="none")
+                .view(k, -1)
+                .mean(dim=1)
+            )
+            for param in params:  # optimizer.zero_grad(set_to_none=True) without its overhead
+                param.grad = None
+            (per_net_loss.sum() if scaler is None else scaler.scale(per_net_loss.sum())).backward()
         if scaler is None:
-            per_net_loss.sum().backward()
             step_optimizer()  # masks included
         else:
-            scaler.scale(per_net_loss.sum()).backward()
             scaler.step(optimizer)
             scaler.update()
             _apply_masks(stack, masks)
