@@ -1,9 +1,11 @@
 """What the trainer's step changes are worth, each against its previous form, side by side.
 
-    .venv/bin/python benchmarks/step_parts.py     # ~4 min
+    .venv/bin/python benchmarks/step_parts.py     # ~7 min
 
 Milliseconds per training step, one thread, best of REPEATS interleaved runs (each variant runs
-once per round, so a slow spell of the shared machine hits them alike):
+once per round, so a slow spell of the shared machine hits them alike, and each round starts with
+another variant: the machine's speed swings by up to 2x within seconds, and the first of a round
+was once the slowest in all five rounds):
 
 * ``shipped``: the trainer as it is;
 * ``Adam.step``: ``torch.optim.Adam(fused=True).step`` (then the masks' ``mul_``) instead of the
@@ -45,7 +47,7 @@ from ticketlab.train.trainer import Job, Result, TrainSpec, train
 from ticketlab.zoo.data import load_dataset
 from ticketlab.zoo.models import build_model
 
-STEPS, REPEATS = 300, 5
+STEPS, REPEATS = 300, 7
 # what the variants below replace, for the ones that call the original
 _SPARSIFY = stacked.SequentialStack.sparsify
 _BATCHES = trainer.Batches.__call__
@@ -108,8 +110,8 @@ def compare(label: str, template, jobs: list[Job], data, spec: TrainSpec, kind: 
     for variant in variants:
         with VARIANTS[variant]():
             train(template, jobs, data, warm, lanes=1)
-    for _ in range(REPEATS):
-        for variant in variants:
+    for round_ in range(REPEATS):  # each round in another order: none always runs first
+        for variant in variants[round_ % len(variants) :] + variants[: round_ % len(variants)]:
             with VARIANTS[variant]():
                 start = time.perf_counter()
                 finals[variant] = train(template, jobs, data, spec, lanes=1)
