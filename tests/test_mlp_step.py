@@ -145,6 +145,7 @@ def test_sequences_mixed_precision_and_sparse_layers_keep_autograd():
     stack = stack_of("flat input")
     labels = torch.zeros(1, dtype=torch.int64)
     assert MlpStep.for_stack(stack, torch.zeros(2, 5, dtype=torch.int64), mixed=False) is None
+    assert MlpStep.for_stack(stack, torch.zeros(5), mixed=False) is None  # not class indices
     assert MlpStep.for_stack(stack, labels, mixed=True) is None
     weights = [n for n in stack.params if n.endswith("weight")]
     keep = {n: torch.rand(K, *stack.params[n].shape[2:0:-1]) < 0.02 for n in weights}

@@ -52,7 +52,9 @@ class MlpStep:
     def for_stack(cls, stack: object, labels: torch.Tensor, mixed: bool) -> MlpStep | None:
         """The direct step for ``stack`` if it is a dense MLP trained on class ``labels`` in one
         precision; else None (autograd)."""
-        if type(stack) is not SequentialStack or mixed or labels.dim() != 1:
+        if type(stack) is not SequentialStack or mixed:
+            return None
+        if labels.dim() != 1 or labels.dtype != torch.long:  # class indices, one per sample
             return None
         if stack._patterns or stack._folded_relus:
             return None
