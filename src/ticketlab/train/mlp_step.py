@@ -1,4 +1,4 @@
-"""A dense MLP stack's forward, loss and gradients computed directly, into buffers kept for good.
+"""A dense MLP stack's forward, loss and gradients computed directly, into buffers it keeps.
 
 Why: for the paper's MLPs (LeNet-300-100's dense levels, the MNIST-1D MLP's dense rounds) a step is
 a few batched products, and autograd hands each one a freshly allocated output. Measured here with
