@@ -47,6 +47,7 @@ class MlpStep:
         self.layers, self.flatten = layers, flatten
         self.outputs: list[torch.Tensor] = []
         self.input_grads: list[torch.Tensor] = []
+        self.seed = torch.empty(0)  # the loss's gradient per sample, see _buffers
 
     @classmethod
     def for_stack(cls, stack: object, labels: torch.Tensor, mixed: bool) -> MlpStep | None:
@@ -80,6 +81,8 @@ class MlpStep:
         widths = [layer.weight.shape[2] for layer in self.layers]
         self.outputs = [like.new_empty(k, batch, w) for w in widths]
         self.input_grads = [like.new_empty(k, batch, w) for w in widths[:-1]]
+        # backward of the per-network means' sum: 1/B for every sample, as autograd computes it
+        self.seed = (like.new_ones(k).unsqueeze(1).expand(k, batch) / batch).reshape(-1)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -101,10 +104,8 @@ class MlpStep:
             log_probs, y, None, _REDUCTION_NONE, _IGNORE_INDEX
         )
         per_net_loss = losses.view(k, -1).mean(dim=1)
-        # backward of per_net_loss.sum(): the mean's gradient, 1/B for every sample
-        seed = (torch.ones_like(per_net_loss).unsqueeze(1).expand(k, batch) / batch).reshape(-1)
         grad = _ATEN.nll_loss_backward(
-            seed, log_probs, y, None, _REDUCTION_NONE, _IGNORE_INDEX, total_weight
+            self.seed, log_probs, y, None, _REDUCTION_NONE, _IGNORE_INDEX, total_weight
         )
         grad = _ATEN._log_softmax_backward_data(grad, log_probs, 1, log_probs.dtype)
         grad = grad.view(k, batch, classes)
